@@ -1,0 +1,1 @@
+"""Turning photos into per-resolution LMDBs: sources, MTCNN, alignment, pyramid, storage."""

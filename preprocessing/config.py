@@ -1,0 +1,64 @@
+"""The prepare run's configuration, validated; bad values give one-line errors naming the key."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line naming the key."""
+
+
+class PrepareConfig(BaseModel):
+    """Everything that decides what the prepared dataset contains (hashed into its fingerprint)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    resolution: int = Field(description="target resolution, a power of two in 4..1024")
+    detector: Literal["mtcnn", "none"] = "mtcnn"
+    crop: Literal["align", "box"] = "align"
+    margin: float = Field(0.25, ge=0.0, le=2.0)
+    min_face_size: int = Field(32, ge=1, description="shorter side of the face box, pixels")
+    min_prob: float = Field(0.9, ge=0.0, le=1.0)
+    thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7)
+    multi_face: bool = False
+    record_format: Literal["raw", "png"] = "raw"
+    max_image_pixels: int = Field(100_000_000, ge=1)
+    detect_max_side: int = Field(1280, ge=64)
+    batch_size: int = Field(32, ge=1)
+    shard_size: int = Field(256, ge=1)
+    limit: int | None = Field(None, ge=1)
+
+    @field_validator("resolution")
+    @classmethod
+    def _power_of_two(cls, value: int) -> int:
+        if value < 4 or value > 1024 or value & (value - 1):
+            raise ValueError("must be a power of two in 4..1024")
+        return value
+
+    @field_validator("thresholds")
+    @classmethod
+    def _probabilities(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if not all(0.0 <= t <= 1.0 for t in value):
+            raise ValueError("each threshold must be in 0..1")
+        return value
+
+    def digest(self) -> str:
+        """Stable hash of the configuration."""
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def make_config(**values) -> PrepareConfig:
+    """Build a PrepareConfig, turning validation errors into a one-line ConfigError."""
+    try:
+        return PrepareConfig(**values)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "config"
+        msg = err["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"{key}: {msg} (got {err.get('input')!r})") from None
