@@ -362,7 +362,7 @@ def _summary_from_manifest(out, manifest, elapsed, already_complete=True) -> Pre
         inputs=manifest["source"]["entries"],
         records=manifest["records"],
         rejected=manifest["rejects"]["total"],
-        counts={int(r): c for r, c in manifest["counts"].items()},
+        counts={int(r): c for r, c in sorted(manifest["counts"].items(), key=lambda x: int(x[0]))},
         reject_reasons=manifest["rejects"]["by_reason"],
         already_complete=already_complete,
         elapsed_s=elapsed,
