@@ -49,10 +49,10 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     except (OSError, SyntaxError, ValueError) as exc:
         raise RejectError("truncated", f"header unreadable: {exc}") from exc
     with img:
-        if img.format not in ALLOWED_FORMATS:
-            raise RejectError("unsupported_format", f"{img.format} is not JPEG/PNG/WEBP/BMP")
         if getattr(img, "n_frames", 1) > 1 and img.format != "MPO":
             raise RejectError("animated", f"{img.format} with {img.n_frames} frames")
+        if img.format not in ALLOWED_FORMATS:
+            raise RejectError("unsupported_format", f"{img.format} is not JPEG/PNG/WEBP/BMP")
         width, height = img.size
         if width * height > max_pixels:
             raise RejectError(

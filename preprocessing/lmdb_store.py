@@ -159,6 +159,8 @@ class LmdbImageDataset(torch.utils.data.Dataset):
 
     def _open(self) -> lmdb.Environment:
         if self._env is None or self._pid != os.getpid():
+            if self._env is not None:  # inherited through fork: a read-only, lock-free env
+                self._env.close()  # only unmaps it in this child; the parent keeps its own
             self._env = open_reader(self.path)
             self._pid = os.getpid()
             with self._env.begin() as txn:
