@@ -15,7 +15,6 @@ import json
 import os
 import platform
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -367,7 +366,3 @@ def _summary_from_manifest(out, manifest, elapsed, already_complete=True) -> Pre
         already_complete=already_complete,
         elapsed_s=elapsed,
     )
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit("use `progan prepare`")
