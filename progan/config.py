@@ -1,0 +1,127 @@
+"""Typed, validated configuration of the model, the training step and the growth schedule."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MIN_RESOLUTION = 4
+MAX_RESOLUTION = 1024
+
+
+def check_resolution(value: int) -> int:
+    """Raise ValueError unless `value` is a power of two in 4..1024."""
+    if value < MIN_RESOLUTION or value > MAX_RESOLUTION or value & (value - 1):
+        raise ValueError(
+            f"must be a power of two in {MIN_RESOLUTION}..{MAX_RESOLUTION}, got {value}"
+        )
+    return value
+
+
+class StrictModel(BaseModel):
+    """Base for config sections: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(StrictModel):
+    """Network architecture. Defaults are the paper's (23.1M parameters per network at 1024)."""
+
+    arch: Literal["progan", "dcgan"] = "progan"
+    resolution: int = Field(1024, description="final (largest) resolution the networks grow to")
+    latent_size: int = Field(512, gt=0)
+    num_channels: int = Field(3, gt=0)
+    fmap_base: int = Field(8192, gt=0, description="channels = min(fmap_base / 2**stage, fmap_max)")
+    fmap_max: int = Field(512, gt=0)
+    fmap_min: int = Field(1, gt=0)
+    mbstd_group_size: int = Field(4, ge=0, description="0 disables the minibatch-stddev layer")
+    dcgan_width: int = Field(64, gt=0, description="DCGAN: channels of the largest layer / 8")
+
+    @field_validator("resolution")
+    @classmethod
+    def _check_resolution(cls, value: int) -> int:
+        return check_resolution(value)
+
+
+class TrainConfig(StrictModel):
+    """The training step: loss, optimizer, EMA, stabilisers, numerics."""
+
+    loss: Literal["wgan-gp", "wgan", "logistic", "bce", "lsgan"] = "wgan-gp"
+    gp_lambda: float = Field(10.0, ge=0)
+    gp_target: float = Field(1.0, gt=0)
+    drift: float = Field(0.001, ge=0, description="epsilon * D(real)^2 (WGAN losses)")
+    wgan_clip: float | None = Field(0.01, gt=0, description="weight clipping for plain 'wgan'")
+    optimizer: Literal["adam", "rmsprop"] = "adam"
+    betas: tuple[float, float] = (0.0, 0.99)
+    eps: float = Field(1e-8, gt=0)
+    rmsprop_alpha: float = Field(0.99, gt=0, lt=1)
+    reset_optimizer: Literal["never", "resolution", "phase"] = Field(
+        "phase",
+        description="reset optimizer state at each phase (official: whenever lod changes), "
+        "at each new resolution, or never",
+    )
+    check_finite: bool = Field(True, description="refuse a NaN/inf loss before stepping")
+    n_critic: int = Field(1, ge=1, description="D steps (each on its own real batch) per G step")
+    g_steps: int = Field(1, ge=1, description="G steps per iteration (seed 003 used 2)")
+    ema_beta: float = Field(0.999, ge=0, le=1)
+    mirror: bool = True
+    instance_noise: float = Field(0.0, ge=0, description="std of Gaussian noise on D's inputs")
+    label_noise: Literal["none", "beta"] = Field(
+        "none", description="'beta': soft BCE labels, real=1-b, fake=b with b~Beta(1,5)"
+    )
+    bf16: bool = False
+    channels_last: bool = False
+    seed: int = 0
+
+
+class ScheduleConfig(StrictModel):
+    """Progressive growth: images per phase and per-resolution batch size and learning rate."""
+
+    start_resolution: int = 4
+    transition_kimg: float = Field(600.0, ge=0)
+    stabilize_kimg: float = Field(600.0, gt=0)
+    total_kimg: float | None = Field(
+        None, gt=0, description="if set, the final stabilization runs until this many kimg"
+    )
+    batch_base: int = Field(16, ge=1)
+    batch_size: dict[int, int] = Field(default_factory=dict, description="per resolution")
+    lr_base: float = Field(0.001, gt=0)
+    lr: dict[int, float] = Field(default_factory=dict, description="per resolution")
+
+    @field_validator("start_resolution")
+    @classmethod
+    def _check_start(cls, value: int) -> int:
+        return check_resolution(value)
+
+    @field_validator("batch_size", "lr")
+    @classmethod
+    def _check_keys(cls, value: dict) -> dict:
+        for res in value:
+            check_resolution(res)
+        return value
+
+    def batch_for(self, resolution: int) -> int:
+        """Global minibatch size at `resolution`."""
+        return self.batch_size.get(resolution, self.batch_base)
+
+    def lr_for(self, resolution: int) -> float:
+        """Learning rate at `resolution`."""
+        return self.lr.get(resolution, self.lr_base)
+
+
+class GANConfig(StrictModel):
+    """Everything `progan/` needs to build and train a GAN."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> GANConfig:
+        if self.schedule.start_resolution > self.model.resolution:
+            raise ValueError(
+                f"schedule.start_resolution ({self.schedule.start_resolution}) exceeds "
+                f"model.resolution ({self.model.resolution})"
+            )
+        return self

@@ -1,0 +1,111 @@
+"""ProGAN's building blocks: equalized learning rate, pixel norm, minibatch stddev, resampling."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LRELU_SLOPE = 0.2
+HE_GAIN = math.sqrt(2.0)
+
+
+class EqualizedConv2d(nn.Module):
+    """Conv with weights ~ N(0, 1) scaled at run time by gain / sqrt(fan_in) (He's constant)."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel: int, gain: float = HE_GAIN) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_ch, in_ch, kernel, kernel))
+        self.bias = nn.Parameter(torch.zeros(out_ch))
+        self.scale = gain / math.sqrt(in_ch * kernel * kernel)
+        self.padding = kernel // 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight * self.scale, self.bias, padding=self.padding)
+
+    def extra_repr(self) -> str:
+        o, i, k, _ = self.weight.shape
+        return f"{i}, {o}, kernel={k}, scale={self.scale:.4g}"
+
+
+class EqualizedLinear(nn.Module):
+    """Linear layer with equalized learning rate (see EqualizedConv2d)."""
+
+    def __init__(
+        self, in_features: int, out_features: int, gain: float = HE_GAIN, bias: bool = True
+    ) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.scale = gain / math.sqrt(in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight * self.scale, self.bias)
+
+    def extra_repr(self) -> str:
+        o, i = self.weight.shape
+        return f"{i}, {o}, scale={self.scale:.4g}"
+
+
+def pixel_norm(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Normalise each pixel's feature vector to unit mean square (dim 1 = channels)."""
+    return x * torch.rsqrt(x.square().mean(dim=1, keepdim=True) + eps)
+
+
+class PixelNorm(nn.Module):
+    """Module form of `pixel_norm`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return pixel_norm(x)
+
+
+def largest_divisor_at_most(n: int, limit: int) -> int:
+    """The largest divisor of n that is <= limit (at least 1)."""
+    for g in range(min(n, limit), 0, -1):
+        if n % g == 0:
+            return g
+    return 1
+
+
+class MinibatchStdDev(nn.Module):
+    """Append one channel: the mean stddev of features across groups of `group_size` samples.
+
+    As the official v2 code: samples are split into groups (sample i joins group i % M),
+    the stddev over each group is averaged over channels and pixels, then broadcast. A batch
+    not divisible by the group size uses the largest group size that divides it.
+    """
+
+    def __init__(self, group_size: int = 4) -> None:
+        super().__init__()
+        self.group_size = group_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        g = largest_divisor_at_most(n, self.group_size)
+        # statistics in at least float32 (bf16 inputs under autocast), never lower precision
+        y = x.to(torch.promote_types(x.dtype, torch.float32)).reshape(g, -1, c, h, w)
+        y = y - y.mean(dim=0)
+        y = (y.square().mean(dim=0) + 1e-8).sqrt()
+        y = y.mean(dim=(1, 2, 3)).to(x.dtype)  # [M]
+        y = y.reshape(-1, 1, 1, 1).repeat(g, 1, h, w)
+        return torch.cat([x, y], dim=1)
+
+    def extra_repr(self) -> str:
+        return f"group_size={self.group_size}"
+
+
+def upsample(x: torch.Tensor) -> torch.Tensor:
+    """Nearest-neighbour 2x upsampling."""
+    return F.interpolate(x, scale_factor=2.0, mode="nearest")
+
+
+def downsample(x: torch.Tensor) -> torch.Tensor:
+    """2x2 average pooling."""
+    return F.avg_pool2d(x, 2)
+
+
+def lrelu(x: torch.Tensor) -> torch.Tensor:
+    """Leaky ReLU with ProGAN's slope 0.2."""
+    return F.leaky_relu(x, LRELU_SLOPE)

@@ -1,0 +1,338 @@
+"""The training step for one phase, framework-free: D step(s), G step(s), EMA update.
+
+`GANTrainer` owns G, D, the EMA generator and both optimizers, knows where it is in the
+schedule (images shown), and turns real batches into optimizer steps. It runs the same in a
+notebook, in a plain loop (`progan.train_local`), or inside a Ray Train worker, where the
+pipeline passes a `wrap` function (DDP) applied to what is trained in each phase.
+
+All randomness of a step (latents, GP mixing, mirroring, noise) is drawn from a generator
+seeded by (seed, rank, images shown): the run is a pure function of its position, so a
+resumed run continues the same curve bit-for-bit on CPU, and ranks draw different latents.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from progan.checkpoint import rng_state, set_rng_state
+from progan.config import GANConfig, TrainConfig
+from progan.ema import make_ema, update_ema
+from progan.losses import BCE_LOSSES, discriminator_loss, generator_loss, gradient_penalty
+from progan.models import build_networks
+from progan.networks import Alpha, GrowingNetwork, fade_in_real, is_fading
+from progan.schedule import Phase, SchedulePoint, phase_plan, point_in_plan
+
+Wrap = Callable[[nn.Module], nn.Module]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss became NaN or inf; raised before the optimizer step so weights stay intact."""
+
+
+class DiscriminatorObjective(nn.Module):
+    """D's whole loss as one module forward, so DDP sees one forward and one backward.
+
+    Returns (mean loss, stats). The gradient penalty's inner autograd.grad happens inside
+    this forward; the outer `.backward()` is the only one DDP reduces.
+    """
+
+    def __init__(self, discriminator: GrowingNetwork, cfg: TrainConfig) -> None:
+        super().__init__()
+        self.D = discriminator
+        self.cfg = cfg
+
+    def forward(
+        self,
+        real: torch.Tensor,
+        fake: torch.Tensor,
+        level: int,
+        alpha: Alpha,
+        mix: torch.Tensor,
+        real_target: torch.Tensor | None = None,
+        fake_target: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        d_real = self.D(real, level, alpha)
+        d_fake = self.D(fake, level, alpha)
+        loss = discriminator_loss(self.cfg, d_real, d_fake, real_target, fake_target)
+        stats = {"d_real": d_real.detach().float().mean(), "d_fake": d_fake.detach().float().mean()}
+        if self.cfg.loss == "wgan-gp" and self.cfg.gp_lambda > 0:
+            gp = gradient_penalty(
+                lambda x: self.D(x, level, alpha), real, fake, mix, self.cfg.gp_target
+            )
+            loss = loss + self.cfg.gp_lambda * gp
+            stats["gp"] = gp.detach().mean()
+        return loss.mean(), stats
+
+
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1]; float input is taken as already in [-1, 1]."""
+    if images.dtype == torch.uint8:
+        return images.float().div_(127.5).sub_(1.0)
+    return images.float()
+
+
+class GANTrainer:
+    """G, D, G_ema, optimizers and the schedule position; `train_step` advances them."""
+
+    def __init__(
+        self,
+        cfg: GANConfig,
+        device: str | torch.device = "cpu",
+        rank: int = 0,
+        world_size: int = 1,
+        wrap: Wrap | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.rank, self.world_size = rank, world_size
+        self.wrap = wrap or (lambda module: module)
+        self.plan: list[Phase] = phase_plan(cfg.schedule, cfg.model.resolution)
+        with torch.random.fork_rng(devices=[]):  # same initial weights for the same seed
+            torch.manual_seed(cfg.train.seed)
+            self.G, self.D = build_networks(cfg.model)
+        self.G.to(self.device)
+        self.D.to(self.device)
+        if cfg.train.channels_last:
+            self.G.to(memory_format=torch.channels_last)
+            self.D.to(memory_format=torch.channels_last)
+        self.G_ema = make_ema(self.G)
+        self.opt_g, self.opt_d = self._make_optimizers()
+        self.images_shown = 0
+        self.optimizer_phase = -1  # index of the phase the optimizer state belongs to
+        self.phase: Phase | None = None  # phase the modules are currently set up for
+        self.generator = torch.Generator(self.device)
+
+    # -- set-up -----------------------------------------------------------------------
+    def _make_optimizers(self) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+        t = self.cfg.train
+        lr = self.plan[0].lr
+
+        def make(params) -> torch.optim.Optimizer:
+            if t.optimizer == "rmsprop":
+                return torch.optim.RMSprop(params, lr=lr, alpha=t.rmsprop_alpha, eps=t.eps)
+            return torch.optim.Adam(params, lr=lr, betas=t.betas, eps=t.eps)
+
+        return make(self.G.parameters()), make(self.D.parameters())
+
+    def _needs_optimizer_reset(self, phase: Phase) -> bool:
+        if self.optimizer_phase in (-1, phase.index):
+            return False
+        mode = self.cfg.train.reset_optimizer
+        previous = self.plan[self.optimizer_phase]
+        return mode == "phase" or (mode == "resolution" and previous.resolution != phase.resolution)
+
+    def begin_phase(self, phase: Phase) -> None:
+        """Freeze unused layers, set lr, reset optimizer state if configured, (re)wrap."""
+        fading = phase.kind == "transition"
+        self.G.set_trainable(phase.level, fading)
+        self.D.set_trainable(phase.level, fading)
+        if self._needs_optimizer_reset(phase):
+            self.opt_g, self.opt_d = self._make_optimizers()
+        self.optimizer_phase = phase.index
+        for opt in (self.opt_g, self.opt_d):
+            for group in opt.param_groups:
+                group["lr"] = phase.lr
+        self.G_train = self.wrap(self.G)
+        self.D_train = self.wrap(DiscriminatorObjective(self.D, self.cfg.train).to(self.device))
+        self.d_active = [p for p in self.D.parameters() if p.requires_grad]
+        self.phase = phase
+
+    @property
+    def point(self) -> SchedulePoint:
+        """Where training is in the schedule now."""
+        return point_in_plan(self.plan, self.images_shown)
+
+    # -- the step -----------------------------------------------------------------------
+    def _seed_step(self) -> torch.Generator:
+        seed = (self.cfg.train.seed * 1_000_003 + self.rank) * 2**32 + self.images_shown
+        return self.generator.manual_seed(seed % 2**63)
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.bf16)
+
+    def _randn(self, *shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=self.generator, device=self.device)
+
+    def _rand(self, *shape: int) -> torch.Tensor:
+        return torch.rand(*shape, generator=self.generator, device=self.device)
+
+    def _prepare_real(self, real: torch.Tensor, alpha: Alpha, fading: bool) -> torch.Tensor:
+        real = to_model_range(real.to(self.device, non_blocking=True))
+        if self.cfg.train.mirror:
+            flip = self._rand(real.shape[0]) < 0.5
+            real = torch.where(flip.view(-1, 1, 1, 1), real.flip(3), real)
+        if fading:
+            real = fade_in_real(real, alpha)
+        return self._to_memory_format(real)
+
+    def _to_memory_format(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cfg.train.channels_last:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def _noisy(self, images: torch.Tensor) -> torch.Tensor:
+        sigma = self.cfg.train.instance_noise
+        return images + sigma * self._randn(*images.shape) if sigma > 0 else images
+
+    def _label_targets(self, n: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if self.cfg.train.label_noise != "beta" or self.cfg.train.loss not in BCE_LOSSES:
+            return None, None
+        # Beta(1, 5) by inverse CDF (x = 1 - u**(1/5)), so it uses the step's generator.
+        real_b = 1.0 - self._rand(n).pow(0.2)
+        fake_b = 1.0 - self._rand(n).pow(0.2)
+        return 1.0 - real_b, fake_b
+
+    def _check(self, name: str, value: torch.Tensor) -> None:
+        if self.cfg.train.check_finite and not torch.isfinite(value).item():
+            raise NonFiniteLossError(
+                f"{name} is {value.item()} at images_shown={self.images_shown} "
+                f"(phase {self.phase.name if self.phase else '?'}); stopped before the "
+                "optimizer step. Lower the learning rate or check the data."
+            )
+
+    @contextmanager
+    def _d_frozen(self):
+        for p in self.d_active:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in self.d_active:
+                p.requires_grad_(True)
+
+    def train_step(self, reals: torch.Tensor | Sequence[torch.Tensor]) -> dict[str, float]:
+        """One iteration: `n_critic` D steps (one real batch each), `g_steps` G steps, EMA.
+
+        `reals` are this rank's share of the global batch: uint8 [N, C, R, R] or floats in
+        [-1, 1], at the current phase's resolution. Returns scalar stats.
+        """
+        batches = [reals] if isinstance(reals, torch.Tensor) else list(reals)
+        t = self.cfg.train
+        if len(batches) != t.n_critic:
+            raise ValueError(
+                f"train_step needs n_critic={t.n_critic} real batches, got {len(batches)}"
+            )
+        point = self.point
+        if point.done:
+            raise RuntimeError(f"the schedule is finished at {self.images_shown} images shown")
+        if self.phase is not point.phase:
+            self.begin_phase(point.phase)
+        level, alpha, fading = point.level, point.alpha, is_fading(point.level, point.alpha)
+        alpha = alpha if fading else 1.0
+        global_batch = batches[0].shape[0] * self.world_size
+        if global_batch != point.batch_size:
+            raise ValueError(
+                f"phase {point.phase.name} expects a global batch of {point.batch_size}, got "
+                f"{batches[0].shape[0]} per rank x {self.world_size} ranks"
+            )
+        self._seed_step()
+        stats: dict[str, torch.Tensor] = {}
+        self.G.train()
+        self.D.train()
+
+        for real in batches:
+            real = self._prepare_real(real, alpha, fading)
+            n = real.shape[0]
+            with torch.no_grad(), self._autocast():
+                fake = self.G(self._randn(n, self.cfg.model.latent_size), level, alpha)
+            fake = self._to_memory_format(fake.float())
+            mix = self._rand(n)
+            real_target, fake_target = self._label_targets(n)
+            with self._autocast():
+                d_loss, d_stats = self.D_train(
+                    self._noisy(real),
+                    self._noisy(fake),
+                    level,
+                    alpha,
+                    mix,
+                    real_target,
+                    fake_target,
+                )
+            self._check("d_loss", d_loss)
+            self.opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            self.opt_d.step()
+            if t.loss == "wgan" and t.wgan_clip:
+                with torch.no_grad():
+                    torch._foreach_clamp_min_(self.d_active, -t.wgan_clip)
+                    torch._foreach_clamp_max_(self.d_active, t.wgan_clip)
+            self.images_shown += point.batch_size
+            stats.update(d_stats, d_loss=d_loss.detach())
+
+        with self._d_frozen():
+            for _ in range(t.g_steps):
+                with self._autocast():
+                    fake = self.G_train(self._randn(n, self.cfg.model.latent_size), level, alpha)
+                    d_fake = self.D(self._noisy(self._to_memory_format(fake)), level, alpha)
+                    g_loss = generator_loss(t, d_fake).mean()
+                self._check("g_loss", g_loss)
+                self.opt_g.zero_grad(set_to_none=True)
+                g_loss.backward()
+                self.opt_g.step()
+        stats["g_loss"] = g_loss.detach()
+        update_ema(self.G_ema, self.G, t.ema_beta)
+
+        names = list(stats)
+        values = torch.stack([stats[k].float() for k in names]).tolist()
+        out = dict(zip(names, values, strict=True))
+        out.update(
+            alpha=float(alpha),
+            lr=point.lr,
+            resolution=float(point.resolution),
+            images_shown=float(self.images_shown),
+        )
+        return out
+
+    # -- state --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue the same curve (see progan.checkpoint)."""
+        point = self.point
+        return {
+            "config": self.cfg.model_dump(mode="json"),
+            "G": self.G.state_dict(),
+            "D": self.D.state_dict(),
+            "G_ema": self.G_ema.state_dict(),
+            "opt_g": self.opt_g.state_dict(),
+            "opt_d": self.opt_d.state_dict(),
+            "images_shown": self.images_shown,
+            "optimizer_phase": self.optimizer_phase,
+            "phase_index": point.phase.index,
+            "phase_name": point.phase.name,
+            "resolution": point.resolution,
+            "alpha": point.alpha,
+            "rng": rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a `state_dict`; the model section of the config must match."""
+        mine = self.cfg.model.model_dump(mode="json")
+        theirs = state["config"]["model"]
+        diff = sorted(k for k in mine if mine[k] != theirs.get(k))
+        if diff:
+            detail = ", ".join(
+                f"{k}: checkpoint {theirs.get(k)!r} vs config {mine[k]!r}" for k in diff
+            )
+            raise ValueError(f"checkpoint was made with a different model config ({detail})")
+        self.G.load_state_dict(state["G"])
+        self.D.load_state_dict(state["D"])
+        self.G_ema.load_state_dict(state["G_ema"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+        self.images_shown = int(state["images_shown"])
+        self.optimizer_phase = int(state["optimizer_phase"])
+        self.phase = None
+        set_rng_state(state["rng"])
+
+    @classmethod
+    def from_state(
+        cls, state: dict[str, Any], device: str | torch.device = "cpu", **kwargs
+    ) -> GANTrainer:
+        """A trainer rebuilt from a checkpoint's own config and state."""
+        trainer = cls(GANConfig.model_validate(state["config"]), device=device, **kwargs)
+        trainer.load_state_dict(state)
+        return trainer

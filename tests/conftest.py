@@ -1,0 +1,33 @@
+"""Shared pytest fixtures: where ../shared/data is, and a local Ray that tests share."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("PROGAN_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Path of ../shared/data; skips the test cleanly when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared test data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture
+def local_ray():
+    """A local Ray (2 CPUs) shared by the tests that need one; started on first use.
+
+    Tests that build their own `ray.cluster_utils.Cluster` must `ray.shutdown()` first and
+    after; the next user of this fixture then starts a fresh local Ray.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray

@@ -1,0 +1,38 @@
+"""Small shared builders for the progan tests: tiny configs and deterministic data."""
+
+from __future__ import annotations
+
+import torch
+
+from progan.config import GANConfig
+
+
+def tiny_config(**overrides) -> GANConfig:
+    """A 4x4 -> 8x8 ProGAN with a handful of channels; sections merged from overrides."""
+    raw = {
+        "model": {"resolution": 8, "latent_size": 16, "fmap_base": 64, "fmap_max": 16},
+        "train": {"seed": 3},
+        "schedule": {"transition_kimg": 0.064, "stabilize_kimg": 0.064, "batch_base": 8},
+    }
+    for section, values in overrides.items():
+        raw[section] = {**raw.get(section, {}), **values}
+    return GANConfig.model_validate(raw)
+
+
+def batch_at(images_shown: int, batch: int, resolution: int) -> torch.Tensor:
+    """A deterministic uint8 batch that depends only on the position in the run."""
+    g = torch.Generator().manual_seed(10_000 + images_shown)
+    return torch.randint(0, 256, (batch, 3, resolution, resolution), generator=g, dtype=torch.uint8)
+
+
+def run_steps(trainer, steps: int) -> list[dict[str, float]]:
+    """Advance `trainer` by `steps` iterations on `batch_at` data."""
+    out = []
+    for _ in range(steps):
+        p = trainer.point
+        reals = [
+            batch_at(trainer.images_shown + i * p.batch_size, p.batch_size, p.resolution)
+            for i in range(trainer.cfg.train.n_critic)
+        ]
+        out.append(trainer.train_step(reals))
+    return out
