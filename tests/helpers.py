@@ -36,3 +36,29 @@ def run_steps(trainer, steps: int) -> list[dict[str, float]]:
         ]
         out.append(trainer.train_step(reals))
     return out
+
+
+class TensorImages(torch.utils.data.Dataset):
+    """A Dataset over an in-memory uint8 tensor [N, C, H, W] at several resolutions."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.images[i]
+
+
+def disc_images(n: int, res: int, seed: int = 0) -> torch.Tensor:
+    """A simple image set in [-1, 1]: a red disc, jittered, on a blue background."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(res), torch.arange(res), indexing="ij")
+    cx = res / 2 + torch.randn(n, 1, 1, generator=g) * res / 10
+    cy = res / 2 + torch.randn(n, 1, 1, generator=g) * res / 10
+    disc = (((xx - cx) ** 2 + (yy - cy) ** 2) < (res / 3.2) ** 2).float()
+    img = torch.stack(
+        [0.9 * disc - 0.6 * (1 - disc), -0.7 + 0 * disc, 0.6 * (1 - disc) - 0.8 * disc], 1
+    )
+    return (img + 0.05 * torch.randn(img.shape, generator=g)).clamp(-1, 1)

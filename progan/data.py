@@ -1,0 +1,59 @@
+"""Training data order as a pure function of images shown, for exact mid-phase resume.
+
+The global stream of sample indices is epoch after epoch of seeded permutations of the
+dataset. The global batch that starts at images-shown position `s` is stream[s : s + B],
+and rank r takes its contiguous share. A run resumed at any position therefore reads
+exactly the batches the uninterrupted run would have, every batch is full (no batch of 1
+reaches minibatch-stddev), and ranks never overlap within a batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import Sampler
+
+
+class PositionSampler(Sampler[list[int]]):
+    """Batch sampler yielding this rank's index lists from `start_images` on, forever."""
+
+    def __init__(
+        self,
+        dataset_len: int,
+        global_batch: int,
+        start_images: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+    ) -> None:
+        if dataset_len < 1:
+            raise ValueError("the dataset is empty")
+        if global_batch % world_size:
+            raise ValueError(
+                f"global batch {global_batch} is not divisible by {world_size} workers"
+            )
+        self.n, self.batch, self.start = dataset_len, global_batch, start_images
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.local = global_batch // world_size
+        self._perm_epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(self.n, generator=g), epoch
+        return self._perm
+
+    def indices_at(self, images_shown: int) -> list[int]:
+        """This rank's indices for the global batch starting at `images_shown`."""
+        first = images_shown + self.rank * self.local
+        out = []
+        for k in range(first, first + self.local):
+            out.append(int(self._permutation(k // self.n)[k % self.n]))
+        return out
+
+    def __iter__(self) -> Iterator[list[int]]:
+        position = self.start
+        while True:
+            yield self.indices_at(position)
+            position += self.batch

@@ -1,0 +1,100 @@
+"""The loop of one phase: feed batches to a GANTrainer until the phase's images are shown.
+
+Shared by every way of training: the Ray Train worker (pipeline), `progan train-local`
+and tests. Side effects (logging, checkpoints, reporting to Ray) come in as callbacks, so
+this stays plain PyTorch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch.utils.data import DataLoader, Dataset
+
+from progan.data import PositionSampler
+from progan.schedule import Phase
+from progan.trainer import GANTrainer
+
+StatsCallback = Callable[[dict[str, float]], None]
+CheckpointCallback = Callable[[GANTrainer, dict[str, float], bool], None]
+
+
+@dataclass
+class LoopOptions:
+    """How often to report stats and to checkpoint, counted in images shown."""
+
+    log_every_images: int = 1000
+    checkpoint_every_images: int = 10_000
+    num_workers: int = 0
+    stop_at_images: int | None = None  # stop early (tests, time-boxed runs)
+
+
+def make_loader(
+    dataset: Dataset, phase: Phase, trainer: GANTrainer, num_workers: int = 0
+) -> DataLoader:
+    """A DataLoader whose order continues exactly from the trainer's images shown."""
+    sampler = PositionSampler(
+        len(dataset),
+        phase.batch_size,
+        start_images=trainer.images_shown,
+        rank=trainer.rank,
+        world_size=trainer.world_size,
+        seed=trainer.cfg.train.seed,
+    )
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=trainer.device.type == "cuda",
+        persistent_workers=False,
+    )
+
+
+def crossed(before: int, after: int, every: int) -> bool:
+    """Whether a multiple of `every` lies in (before, after]."""
+    return every > 0 and after // every > before // every
+
+
+def run_phase(
+    trainer: GANTrainer,
+    dataset: Dataset,
+    phase: Phase,
+    options: LoopOptions | None = None,
+    on_stats: StatsCallback | None = None,
+    on_checkpoint: CheckpointCallback | None = None,
+) -> dict[str, float]:
+    """Train until `phase.end_images` (or options.stop_at_images); return the last stats.
+
+    `on_stats(stats)` runs every `log_every_images` with images/s added; `on_checkpoint(
+    trainer, stats, final)` runs every `checkpoint_every_images` and once at the end.
+    """
+    options = options or LoopOptions()
+    end = phase.end_images
+    if options.stop_at_images is not None:
+        end = min(end, options.stop_at_images)
+    stats: dict[str, float] = {}
+    if trainer.images_shown >= end:
+        return stats
+    batches = iter(make_loader(dataset, phase, trainer, options.num_workers))
+    n_critic = trainer.cfg.train.n_critic
+    clock, clock_images = time.perf_counter(), trainer.images_shown
+    while trainer.images_shown < end:
+        before = trainer.images_shown
+        stats = trainer.train_step([next(batches) for _ in range(n_critic)])
+        after = trainer.images_shown
+        if on_stats and (crossed(before, after, options.log_every_images) or after >= end):
+            now = time.perf_counter()
+            stats["images_per_s"] = (after - clock_images) / max(now - clock, 1e-9)
+            clock, clock_images = now, after
+            on_stats(stats)
+        if (
+            on_checkpoint
+            and after < end
+            and crossed(before, after, options.checkpoint_every_images)
+        ):
+            on_checkpoint(trainer, stats, False)
+    if on_checkpoint:
+        on_checkpoint(trainer, stats, True)
+    return stats
