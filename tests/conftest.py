@@ -28,6 +28,9 @@ def local_ray():
     """
     import ray
 
+    from pipeline.run import RAY_ENV
+
+    os.environ.update({k: os.environ.get(k, v) for k, v in RAY_ENV.items()})
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
