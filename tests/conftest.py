@@ -32,5 +32,5 @@ def local_ray():
 
     os.environ.update({k: os.environ.get(k, v) for k, v in RAY_ENV.items()})
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=2, log_to_driver=False)
     yield ray

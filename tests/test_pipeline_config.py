@@ -1,0 +1,73 @@
+"""Bad configs fail before Ray starts, in one line naming the key and what is allowed."""
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.config import ConfigError, load_config, parse_overrides
+from pipeline.run import ensure_dataset
+from progan.schedule import phase_plan
+from tests.conftest import REPO_ROOT
+
+PRESETS = ["demo", "celeba-64", "celeba-128", "celebahq-1024"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.bogus=1"], "train.bogus: unknown key; allowed here: betas"),
+        (["nope.x=1"], "nope: unknown key; allowed here: data, eval, model"),
+        (["scaling.num_workers=two"], "scaling.num_workers: Input should be a valid integer"),
+        (["model.resolution=48"], "model.resolution: must be a power of two in 4..1024"),
+        (["train.loss=hinge"], "train.loss: Input should be 'wgan-gp', 'wgan', 'logistic'"),
+        (["scaling.num_workers=3"], "batch 16 is not divisible by scaling.num_workers=3"),
+        (["schedule.start_resolution=64"], "exceeds model.resolution"),
+    ],
+)
+def test_bad_values_are_one_line_errors_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(REPO_ROOT / "conf" / "demo.yaml", overrides)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_override_syntax_and_missing_file():
+    assert parse_overrides(["a.b=3", "a.c=[1, 2]", "d=x"]) == {"a": {"b": 3, "c": [1, 2]}, "d": "x"}
+    with pytest.raises(ConfigError, match=r"expected dotted\.key=value"):
+        parse_overrides(["a.b"])
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config("conf/missing.yaml")
+
+
+def test_missing_lmdb_for_a_planned_resolution(tmp_path):
+    from tests.pipeline_helpers import make_tiny_dataset, tiny_pipeline_config
+
+    dataset = make_tiny_dataset(tmp_path, n=8, resolution=8)
+    cfg = tiny_pipeline_config(dataset, tmp_path, model={"resolution": 16})
+    with pytest.raises(ConfigError, match=r"no LMDB for resolution\(s\) \[16\]"):
+        ensure_dataset(cfg, phase_plan(cfg.schedule, 16), console=None)
+
+
+def test_unprepared_dataset_without_source(tmp_path):
+    from tests.pipeline_helpers import tiny_pipeline_config
+
+    cfg = tiny_pipeline_config(tmp_path / "none", tmp_path)
+    with pytest.raises(ConfigError, match="not a prepared dataset"):
+        ensure_dataset(cfg, phase_plan(cfg.schedule, 8), console=None)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_dry_run_of_every_preset(preset, tmp_path, capsys):
+    code = main(
+        ["run", str(REPO_ROOT / "conf" / f"{preset}.yaml"), f"run.root={tmp_path}", "--dry-run"]
+    )
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "phase plan" in out and "nothing was run" in out
+    assert list(tmp_path.glob("*/config.resolved.yaml"))
+
+
+def test_cli_reports_config_errors_with_exit_2(capsys):
+    code = main(["run", str(REPO_ROOT / "conf" / "demo.yaml"), "train.optimizer=sgd", "--dry-run"])
+    assert code == 2
+    out = capsys.readouterr().out
+    assert "config error: train.optimizer: Input should be 'adam' or 'rmsprop'" in out
