@@ -166,9 +166,9 @@ def init_ray(address: str | None) -> None:
 
     if ray.is_initialized():
         return
-    env = {k: os.environ.get(k, v) for k, v in RAY_ENV.items()}
-    os.environ.update(env)  # a local Ray started here inherits it
-    ray.init(address=address, runtime_env={"env_vars": env})
+    missing = {k: v for k, v in RAY_ENV.items() if k not in os.environ}  # a Ray Job sets them
+    os.environ.update(missing)  # a local Ray started here inherits them
+    ray.init(address=address, runtime_env={"env_vars": missing} if missing else None)
 
 
 def fit_phase(

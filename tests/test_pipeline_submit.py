@@ -1,0 +1,83 @@
+"""`progan submit` against a Ray head started with `ray start --head` on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.config import dump_config
+from progan.checkpoint import load_checkpoint
+from tests.pipeline_helpers import make_tiny_dataset, tiny_pipeline_config
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    import ray
+
+    ray.shutdown()  # the head below is a separate cluster
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    port, dash = free_port(), free_port()
+    # as a user would: the head started from the activated venv, so jobs' `python` is it
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "RAY_ADDRESS": "", "PATH": path}
+    subprocess.run(
+        [
+            ray_bin,
+            "start",
+            "--head",
+            f"--port={port}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            "--num-cpus=2",
+            "--include-dashboard=true",
+            "--disable-usage-stats",
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
+    try:
+        yield f"http://127.0.0.1:{dash}"
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True)
+
+
+def test_submit_runs_the_pipeline_as_a_ray_job(ray_head, tmp_path, capsys):
+    dataset = make_tiny_dataset(tmp_path, n=16, resolution=8)
+    cfg = tiny_pipeline_config(dataset, tmp_path, schedule={"start_resolution": 8})
+    config = dump_config(cfg, tmp_path / "job.yaml")
+    code = main(["submit", str(config), "--address", ray_head, "--run-id", "job1", "--wait"])
+    out = capsys.readouterr().out
+    assert code == 0, out[-3000:]
+    job_id = out.splitlines()[0].strip()
+    assert job_id == "progan-job1" and "SUCCEEDED" in out
+    assert load_checkpoint(tmp_path / "runs" / "job1" / "generator.pt")["images_shown"] == 96
+    assert main(["status", job_id, "--address", ray_head]) == 0
+    assert "SUCCEEDED" in capsys.readouterr().out
+    deadline = time.time() + 5
+    while main(["logs", job_id, "--address", ray_head]) != 0 and time.time() < deadline:
+        pass
+    assert "done" in capsys.readouterr().out
+
+
+def test_submit_refuses_a_bad_config_before_contacting_the_cluster(tmp_path, capsys):
+    cfg = tiny_pipeline_config(tmp_path / "d", tmp_path)
+    config = dump_config(cfg, tmp_path / "job.yaml")
+    code = main(["submit", str(config), "train.loss=nope", "--address", "http://127.0.0.1:1"])
+    assert code == 2
+    assert "config error: train.loss" in capsys.readouterr().out
