@@ -58,14 +58,14 @@ class FIDInceptionFeatures(nn.Module):
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
-        self.net = net.eval().requires_grad_(False)
-        n = self.net
+        n = net.eval().requires_grad_(False)
         self.layers = nn.Sequential(
             n.Conv2d_1a_3x3, n.Conv2d_2a_3x3, n.Conv2d_2b_3x3, n.maxpool1,
             n.Conv2d_3b_1x1, n.Conv2d_4a_3x3, n.maxpool2,
             n.Mixed_5b, n.Mixed_5c, n.Mixed_5d, n.Mixed_6a, n.Mixed_6b, n.Mixed_6c, n.Mixed_6d,
             n.Mixed_6e, n.Mixed_7a, n.Mixed_7b, n.Mixed_7c, n.avgpool,
         )  # fmt: skip
+        self.eval()
 
     def forward(self, images: Tensor) -> Tensor:
         """Features of a batch, in float32."""
