@@ -73,8 +73,18 @@ class EvalSection(StrictModel):
 
     metrics: list[Literal["swd", "msssim", "fid", "kid"]] = Field(default_factory=lambda: ["swd"])
     num_images: int = Field(512, ge=8)
-    fid_weights: str | None = None
+    fid_weights: str | None = Field(None, description="pt_inception-2015-12-05 file (FID/KID)")
     enabled: bool = True
+
+    @model_validator(mode="after")
+    def _fid_weights(self) -> EvalSection:
+        needs = sorted({"fid", "kid"} & set(self.metrics))
+        if self.enabled and needs and not (self.fid_weights and Path(self.fid_weights).is_file()):
+            raise ValueError(
+                f"metrics {needs} need eval.fid_weights, the pt_inception-2015-12-05 weights "
+                f"file (see docs/metrics.md); got {self.fid_weights!r}"
+            )
+        return self
 
 
 class PipelineConfig(StrictModel):

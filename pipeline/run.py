@@ -11,6 +11,7 @@ from __future__ import annotations
 import secrets
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -216,8 +217,13 @@ def run_pipeline(
     run_id: str | None = None,
     console: Console | None = None,
     test_hooks: dict[str, Any] | None = None,
+    on_phase_end: Callable[[Phase, dict[str, float]], None] | None = None,
 ) -> RunResult:
-    """Run (or continue) every phase of the plan; returns where the results are."""
+    """Run (or continue) every phase of the plan; returns where the results are.
+
+    `on_phase_end(phase, metrics)` is called after each phase trained here (not for phases
+    done earlier) with its wall time, Ray overhead and end-of-phase evaluation metrics.
+    """
     console = console or Console()
     plan = phase_plan(cfg.schedule, cfg.model.resolution)
     run_id = run_id or new_run_id()
@@ -235,6 +241,8 @@ def run_pipeline(
     console.print(f"run [bold]{run_id}[/] in {run_dir}; MLflow: {uri}")
     init_ray(cfg.ray_address)
 
+    worker_cfg = cfg.model_dump(mode="json")  # workers may run elsewhere: absolute paths
+    worker_cfg["data"]["dataset"] = str(Path(cfg.data.dataset).resolve())
     previous: str | None = None
     rows: list[dict[str, Any]] = []
     for phase in plan:
@@ -242,7 +250,7 @@ def run_pipeline(
         if ps.done:
             console.print(f"phase {phase.name}: done earlier, skipped")
             previous = ps.checkpoint
-            rows.append({"phase": phase.name, "status": "skipped (done earlier)"})
+            rows.append({"phase": phase.name, "status": "skipped (done earlier)", **ps.evaluation})
             continue
         ps.ray_name = ps.ray_name or f"{run_id}-{phase.name}"
         if ps.child_run_id is None:
@@ -259,7 +267,7 @@ def run_pipeline(
         state.save(run_dir / STATE_FILE)
         console.print(f"phase {phase.name}: {phase.num_images} images, batch {phase.batch_size}")
         worker_config = {
-            "cfg": cfg.model_dump(mode="json"),
+            "cfg": worker_cfg,
             "phase_index": phase.index,
             "init_checkpoint": previous,
             "run_dir": str(run_dir),
@@ -285,6 +293,10 @@ def run_pipeline(
             {"phase_wall_s": wall, "ray_overhead_s": overhead},
             phase.end_images,
         )
+        evaluation = {k: float(v) for k, v in result.metrics.get("eval", {}).items()}
+        ps.evaluation = evaluation
+        if evaluation:  # the parent run gets each phase's numbers too: one curve per metric
+            tracker.log_metrics(state.parent_run_id, evaluation, phase.end_images)
         if cfg.tracking.log_checkpoints:
             tracker.log_artifact(ps.child_run_id, final, "checkpoint")
         tracker.finish(ps.child_run_id)
@@ -296,9 +308,15 @@ def run_pipeline(
                 "status": "trained",
                 "wall_s": round(wall, 1),
                 "ray_overhead_s": round(overhead, 1),
+                **evaluation,
             }
         )
-        console.print(f"phase {phase.name}: done in {wall:.1f} s (Ray overhead {overhead:.1f} s)")
+        note = f", SWD {evaluation['SWDx1e3_avg']:.1f}" if "SWDx1e3_avg" in evaluation else ""
+        console.print(
+            f"phase {phase.name}: done in {wall:.1f} s (Ray overhead {overhead:.1f} s){note}"
+        )
+        if on_phase_end is not None:
+            on_phase_end(phase, {"wall_s": wall, "ray_overhead_s": overhead, **evaluation})
 
     generator = export_generator(Path(previous), run_dir / "generator.pt")
     table = run_dir / "phases.md"
@@ -314,13 +332,17 @@ def run_pipeline(
 def phase_table_markdown(plan: list[Phase], rows: list[dict[str, Any]]) -> str:
     """The plan and what happened to each phase, as a Markdown table."""
     lines = [
-        "| # | phase | resolution | kind | kimg | batch | lr | status | wall s | Ray overhead s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| # | phase | resolution | kind | kimg | batch | lr | status | wall s | Ray overhead s "
+        "| SWD x1e3 (real floor) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for p, r in zip(plan, rows, strict=True):
+        swd = ""
+        if "SWDx1e3_avg" in r:
+            swd = f"{r['SWDx1e3_avg']:.1f} ({r.get('SWDx1e3_avg_real_floor', float('nan')):.1f})"
         lines.append(
             f"| {p.index} | {p.name} | {p.resolution} | {p.kind} | {p.num_images / 1000:g} "
             f"| {p.batch_size} | {p.lr:g} | {r['status']} | {r.get('wall_s', '')} "
-            f"| {r.get('ray_overhead_s', '')} |"
+            f"| {r.get('ray_overhead_s', '')} | {swd} |"
         )
     return "\n".join(lines) + "\n"

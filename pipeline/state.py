@@ -21,6 +21,7 @@ class PhaseState:
     ray_name: str | None = None
     done: bool = False
     checkpoint: str | None = None
+    evaluation: dict[str, float] = field(default_factory=dict)  # end-of-phase metrics
 
 
 @dataclass

@@ -28,6 +28,7 @@ from preprocessing.lmdb_store import LmdbImageDataset
 from progan.checkpoint import load_checkpoint, save_checkpoint
 from progan.loop import LoopOptions, run_phase
 from progan.sampling import fixed_latents, generate, save_grid
+from progan.schedule import Phase
 from progan.trainer import GANTrainer
 
 STATE_FILE = "state.pt"
@@ -116,14 +117,19 @@ def phase_worker(config: dict[str, Any]) -> None:
         shown = trainer.images_shown
         metrics = {"images_shown": shown, "final": final, "origin": origin}
         metrics["train_seconds"] = time.perf_counter() - started
+        if final and rank == 0 and cfg.eval.enabled and cfg.eval.metrics:
+            # before the report, so that the driver (and Tune) get the numbers
+            results = evaluate_phase(cfg, trainer, phase, run_dir.parent / "metrics-cache")
+            logger.log(results, shown)
+            metrics["eval"] = results
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
                 save_checkpoint(trainer.state_dict(), Path(tmp) / STATE_FILE)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
-                point = trainer.point
+                level, alpha = view_of(trainer, phase, final)
                 grid = save_grid(
-                    generate(trainer.G_ema, latents, point.level, point.alpha),
+                    generate(trainer.G_ema, latents, level, alpha),
                     Path(tmp) / "samples" / f"{shown:09d}.png",
                 )
                 logger.log_artifact(grid, "samples")
@@ -149,32 +155,41 @@ def finish_phase(
     run_dir: Path,
     logger: MetricLogger,
 ) -> None:
-    """Rank 0 after the phase: loss-curve plot, end-of-phase metrics, final flush."""
+    """Rank 0 after the phase: loss-curve plot, final flush of the metric logger."""
     from pipeline.plots import plot_phase_curves
 
     with tempfile.TemporaryDirectory() as tmp:
         if history:
             logger.log_artifact(plot_phase_curves(history, Path(tmp) / "losses.png"), "plots")
-        if cfg.eval.enabled and cfg.eval.metrics:
-            logger.log(evaluate_phase(cfg, trainer), trainer.images_shown)
         logger.close()
 
 
-def evaluate_phase(cfg: PipelineConfig, trainer: GANTrainer) -> dict[str, float]:
-    """The configured metrics of G_ema at the phase's end."""
+def view_of(trainer: GANTrainer, phase: Phase, final: bool) -> tuple[int, float]:
+    """(level, alpha) to render G_ema at: the schedule's now, or the phase's own resolution
+    fully faded in at its end (the schedule's point there already belongs to the next phase)."""
+    if final:
+        return phase.level, 1.0
+    point = trainer.point
+    return point.level, point.alpha
+
+
+def evaluate_phase(
+    cfg: PipelineConfig, trainer: GANTrainer, phase: Phase, cache_dir: Path
+) -> dict[str, float]:
+    """The configured metrics of G_ema at the phase's end (real statistics in `cache_dir`)."""
     from pipeline.evaluation import evaluate_generator
 
-    point = trainer.point
     results = evaluate_generator(
         trainer.G_ema,
-        point.level,
-        point.alpha,
+        phase.level,
+        1.0,
         cfg.data.dataset,
-        point.resolution,
+        phase.resolution,
         metrics=tuple(cfg.eval.metrics),
         num_images=cfg.eval.num_images,
         fid_weights=cfg.eval.fid_weights,
         device=trainer.device,
         seed=cfg.train.seed,
+        cache_dir=cache_dir,
     )
     return {k: float(v) for k, v in results.items() if isinstance(v, int | float)}

@@ -79,6 +79,7 @@ class LmdbWriter:
         self.envs: dict[int, lmdb.Environment] = {}
         for res in resolutions:
             path = resolution_dir(dataset_dir, res)
+            close_readers([path])
             path.mkdir(parents=True, exist_ok=True)
             self.envs[res] = lmdb.open(
                 str(path), map_size=1 << 28, readahead=False, meminit=False, max_dbs=0
@@ -130,11 +131,33 @@ def available_resolutions(dataset_dir: str | os.PathLike) -> list[int]:
     return sorted(int(r) for r in read_manifest(dataset_dir)["resolutions"])
 
 
+# py-lmdb allows one open Environment per path and process: readers share it.
+_READERS: dict[str, tuple[int, lmdb.Environment]] = {}
+
+
 def open_reader(path: Path) -> lmdb.Environment:
-    """Open one resolution's LMDB read-only, lock-free, memory-mapped, without readahead."""
-    return lmdb.open(
+    """One resolution's LMDB read-only, lock-free, memory-mapped, without readahead; shared
+    by every reader of that path in this process (reopened in a forked child). Pass resolved
+    paths: this runs on every record read."""
+    key = os.fspath(path)
+    entry = _READERS.get(key)
+    if entry is not None and entry[0] == os.getpid():
+        return entry[1]
+    if entry is not None:  # inherited through fork: closing only unmaps it in this child
+        entry[1].close()
+    env = lmdb.open(
         str(path), readonly=True, lock=False, readahead=False, meminit=False, max_readers=2048
     )
+    _READERS[key] = (os.getpid(), env)
+    return env
+
+
+def close_readers(paths: Iterable[Path]) -> None:
+    """Close this process's shared readers of `paths` (before writing to them)."""
+    for path in paths:
+        entry = _READERS.pop(str(Path(path).resolve()), None)
+        if entry is not None and entry[0] == os.getpid():
+            entry[1].close()
 
 
 class LmdbImageDataset(torch.utils.data.Dataset):
@@ -149,7 +172,7 @@ class LmdbImageDataset(torch.utils.data.Dataset):
             raise ValueError(
                 f"{dataset_dir} has no resolution {resolution}; it has {manifest['resolutions']}"
             )
-        self.path = resolution_dir(dataset_dir, resolution)
+        self.path = resolution_dir(dataset_dir, resolution).resolve()
         self.resolution = resolution
         self.encoding = manifest["record_format"]["encoding"]
         self.length = int(manifest["counts"][str(resolution)])
@@ -158,18 +181,16 @@ class LmdbImageDataset(torch.utils.data.Dataset):
         self._pid: int | None = None
 
     def _open(self) -> lmdb.Environment:
-        if self._env is None or self._pid != os.getpid():
-            if self._env is not None:  # inherited through fork: a read-only, lock-free env
-                self._env.close()  # only unmaps it in this child; the parent keeps its own
-            self._env = open_reader(self.path)
-            self._pid = os.getpid()
-            with self._env.begin() as txn:
+        env = open_reader(self.path)  # shared per process; a dict lookup after the first call
+        if env is not self._env or self._pid != os.getpid():
+            self._env, self._pid = env, os.getpid()
+            with env.begin() as txn:
                 self._keys = list(txn.cursor().iternext(keys=True, values=False))
             if len(self._keys) != self.length:
                 raise RuntimeError(
                     f"{self.path} holds {len(self._keys)} records, manifest says {self.length}"
                 )
-        return self._env
+        return env
 
     def __len__(self) -> int:
         return self.length

@@ -38,8 +38,14 @@ def metric_steps(client: MlflowClient, run_id: str, key: str = "d_loss") -> list
 
 
 def test_two_worker_ddp_run_is_tracked_in_mlflow(local_ray, dataset, tmp_path):
-    cfg = tiny_pipeline_config(dataset, tmp_path, scaling={"num_workers": 2})
-    result = run_pipeline(cfg, "ddp")
+    cfg = tiny_pipeline_config(
+        dataset,
+        tmp_path,
+        scaling={"num_workers": 2},
+        eval={"enabled": True, "metrics": ["swd"], "num_images": 32},
+    )
+    ended: list[tuple[str, dict]] = []
+    result = run_pipeline(cfg, "ddp", on_phase_end=lambda p, m: ended.append((p.name, m)))
     final = load_checkpoint(result.generator)
     assert final["images_shown"] == 288 and final["resolution"] == 8
 
@@ -65,6 +71,16 @@ def test_two_worker_ddp_run_is_tracked_in_mlflow(local_ray, dataset, tmp_path):
         arts = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert {"samples", "checkpoint", "plots"} <= arts
         assert len(client.list_artifacts(child.info.run_id, "samples")) == 3  # 32, 64, end
+    # end-of-phase SWD (8x8: one level; none at 4x4) in the phase runs, parent, and caller
+    for child in children:
+        has_swd = "SWDx1e3_8" in child.data.metrics
+        assert has_swd == (child.data.tags["resolution"] == "8"), child.info.run_name
+    assert metric_steps(client, parent.info.run_id, "SWDx1e3_avg") == [192, 288]
+    assert [name for name, m in ended if "SWDx1e3_avg" in m] == [
+        "01-0008-transition",
+        "02-0008-stabilize",
+    ]
+    assert "SWD x1e3" in (result.run_dir / "phases.md").read_text()
     transition = next(c for c in children if c.info.run_name == "01-0008-transition")
     alphas = [m.value for m in client.get_metric_history(transition.info.run_id, "alpha")]
     assert alphas == sorted(alphas) and 0 < alphas[-1] < 1
