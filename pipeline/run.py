@@ -218,11 +218,15 @@ def run_pipeline(
     console: Console | None = None,
     test_hooks: dict[str, Any] | None = None,
     on_phase_end: Callable[[Phase, dict[str, float]], None] | None = None,
+    parent_run_id: str | None = None,
+    run_tags: dict[str, str] | None = None,
 ) -> RunResult:
     """Run (or continue) every phase of the plan; returns where the results are.
 
     `on_phase_end(phase, metrics)` is called after each phase trained here (not for phases
     done earlier) with its wall time, Ray overhead and end-of-phase evaluation metrics.
+    `parent_run_id` nests the run's MLflow parent run under another run (a Tune sweep's)
+    and `run_tags` are added to it, when it is created.
     """
     console = console or Console()
     plan = phase_plan(cfg.schedule, cfg.model.resolution)
@@ -233,7 +237,8 @@ def run_pipeline(
     tracker = Tracker(uri, cfg.tracking.experiment, Path(cfg.run.root) / "mlartifacts")
     state.tracking_uri = uri
     if state.parent_run_id is None:
-        state.parent_run_id = tracker.start_run(run_id, {"run_id": run_id, "run_dir": str(run_dir)})
+        tags = {"run_id": run_id, "run_dir": str(run_dir), **(run_tags or {})}
+        state.parent_run_id = tracker.start_run(run_id, tags, parent_id=parent_run_id)
         tracker.log_params(state.parent_run_id, flatten(cfg.model_dump(mode="json")))
     else:
         tracker.reopen(state.parent_run_id)
