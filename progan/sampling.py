@@ -3,20 +3,29 @@
 Images come out of the generator in [-1, 1]; `to_unit` maps them to [0, 1] for saving.
 Any output size can be asked for (e.g. 218x178, CelebA's aspect): images are resized with
 antialiased bilinear interpolation after generation.
+
+Truncation: the ProGAN generator pixel-normalises z before anything else, so scaling z
+(`truncate`) changes nothing for it. `truncation` instead scales the output of the
+generator's first linear map of the (normalised) latent, which has no bias and whose mean
+over the latent distribution is exactly 0: the same "pull toward the average" that the
+truncation trick means, applied where the network can see it.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.utils import make_grid, save_image
 
-from progan.networks import Alpha
+from progan.dcgan import DCGANGenerator
+from progan.networks import Alpha, Generator
 
 
 def fixed_latents(n: int, latent_size: int, seed: int = 0) -> torch.Tensor:
@@ -24,9 +33,74 @@ def fixed_latents(n: int, latent_size: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, latent_size, generator=torch.Generator().manual_seed(seed))
 
 
+def indexed_latents(seed: int, indices: Iterable[int], latent_size: int) -> torch.Tensor:
+    """Latents from N(0, I) where row k depends only on (seed, indices[k]), not on the count.
+
+    Image i of a sheet made with a seed is the same whether 16 or 64 images are drawn, so
+    tools can refer to it by (seed, index) alone. Each index gets its own generator seeded
+    from numpy's SeedSequence([seed, index]) (no collisions between nearby seeds).
+    """
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    rows = []
+    for index in indices:
+        if index < 0:
+            raise ValueError(f"latent index must be >= 0, got {index}")
+        state = np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0]
+        rows.append(torch.randn(latent_size, generator=torch.Generator().manual_seed(int(state))))
+    if not rows:
+        return torch.empty(0, latent_size)
+    return torch.stack(rows)
+
+
 def truncate(z: torch.Tensor, psi: float) -> torch.Tensor:
-    """Truncation trick toward the mean latent (0): psi=1 leaves z unchanged."""
+    """Scale z toward the mean latent (0): psi=1 leaves z unchanged.
+
+    Only meaningful for a generator that does not normalise z (DCGAN). The ProGAN generator
+    pixel-normalises z first, which undoes this scaling; use `truncation` for it.
+    """
     return z * psi
+
+
+class FixedLevelGenerator(nn.Module):
+    """z [N, latent] -> images [N, C, R, R] in [-1, 1] with level and alpha fixed (for export)."""
+
+    def __init__(self, generator: nn.Module, level: int | None, alpha: float = 1.0) -> None:
+        super().__init__()
+        self.generator = generator
+        self.level = level
+        self.alpha = alpha
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """Render at the fixed level/alpha and clamp to [-1, 1]."""
+        return self.generator(z, self.level, self.alpha).clamp(-1.0, 1.0)
+
+
+def latent_projection(generator: nn.Module) -> nn.Module:
+    """The generator's first linear, bias-free map of the latent (what `truncation` scales)."""
+    if isinstance(generator, Generator):
+        return generator.base.dense  # applied to pixel_norm(z); bias added after it
+    if isinstance(generator, DCGANGenerator):
+        return generator.net[0]  # ConvTranspose2d(latent -> 4x4), bias=False
+    raise TypeError(f"no truncation point known for {type(generator).__name__}")
+
+
+@contextmanager
+def truncation(generator: nn.Module, psi: float) -> Iterator[nn.Module]:
+    """Within the block, `generator` runs with the truncation trick at strength psi.
+
+    The output of `latent_projection` (mean 0 over z ~ N(0, I), by symmetry) is multiplied
+    by psi: psi=1 is the plain generator, psi=0 gives every latent the same, average image,
+    values in between trade variety for typicality. For DCGAN this equals `truncate(z, psi)`.
+    """
+    if psi == 1.0:
+        yield generator
+        return
+    handle = latent_projection(generator).register_forward_hook(lambda _m, _i, out: out * psi)
+    try:
+        yield generator
+    finally:
+        handle.remove()
 
 
 @torch.no_grad()
@@ -122,11 +196,19 @@ def interpolation_path(
     return torch.cat(frames)
 
 
-def latent_direction(latents: torch.Tensor) -> torch.Tensor:
-    """Seed 003's attribute direction: the normalised mean of latents that show it."""
-    if latents.ndim != 2 or latents.shape[0] == 0:
-        raise ValueError("latent_direction needs a non-empty [N, D] batch of latents")
-    return F.normalize(latents.mean(dim=0), dim=0)
+def latent_direction(latents: torch.Tensor, without: torch.Tensor | None = None) -> torch.Tensor:
+    """Seed 003's attribute direction: the normalised mean of latents that show it.
+
+    With `without` (latents that lack the attribute), the direction is the normalised
+    difference of the two normalised means, which cancels what both groups share.
+    """
+    for name, batch in (("latents", latents), ("without", without)):
+        if batch is not None and (batch.ndim != 2 or batch.shape[0] == 0):
+            raise ValueError(f"latent_direction needs a non-empty [N, D] batch of {name}")
+    direction = F.normalize(latents.mean(dim=0), dim=0)
+    if without is not None:
+        direction = F.normalize(direction - F.normalize(without.mean(dim=0), dim=0), dim=0)
+    return direction
 
 
 def edit_latents(
