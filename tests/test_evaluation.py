@@ -92,3 +92,26 @@ def test_fid_without_weights_fails_in_one_line(dataset, tmp_path):
         evaluate_generator(Noise(16), 2, 1.0, dataset, 16, metrics=("is",), cache_dir=tmp_path)
     with pytest.raises(ConfigError, match="fid_weights"):
         tiny_pipeline_config(dataset, tmp_path, eval={"enabled": True, "metrics": ["fid"]})
+
+
+def test_evaluate_command_prints_and_writes_the_numbers(dataset, tmp_path, capsys):
+    from pipeline.cli import main
+    from progan.checkpoint import save_checkpoint
+    from progan.config import GANConfig
+    from progan.trainer import GANTrainer
+
+    cfg = GANConfig.model_validate(
+        {"model": {"resolution": 16, "latent_size": 8, "fmap_base": 32, "fmap_max": 8}}
+    )
+    trainer = GANTrainer(cfg)
+    trainer.images_shown = trainer.plan[-1].end_images  # as if trained to 16x16
+    ckpt = save_checkpoint(trainer.state_dict(), tmp_path / "state.pt")
+    out = tmp_path / "eval.json"
+    args = ["evaluate", str(ckpt), "--data", str(dataset), "--num-images", "32"]
+    assert main([*args, "--cache", str(tmp_path / "c"), "--json", str(out)]) == 0
+    numbers = __import__("json").loads(out.read_text())
+    assert numbers["eval_images"] == 32 and numbers["SWDx1e3_avg"] > 0
+    assert "msssim_fake" in numbers
+    assert "SWDx1e3_avg" in capsys.readouterr().out
+    assert main([*args, "--metrics", "fid"]) == 2
+    assert "no FID weights file" in capsys.readouterr().err
