@@ -124,6 +124,10 @@ class TuneSpec(StrictModel):
     trial_driver: TrialDriverSection = Field(default_factory=TrialDriverSection)
 
 
+class SweepInterrupted(RuntimeError):
+    """Tune stopped before every trial ended (Ctrl-C); the sweep can be resumed."""
+
+
 @dataclass
 class Dimension:
     """One search-space entry."""
@@ -913,7 +917,10 @@ def resume_sweep(
     from ray import tune
 
     console = console or Console()
-    sweep_dir = Path(sweep_dir).resolve()
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir() and len(sweep_dir.parts) == 1:  # a bare name: the default root
+        sweep_dir = Path("runs") / "tune" / sweep_dir
+    sweep_dir = sweep_dir.resolve()
     if not (sweep_dir / SPEC_FILE).is_file() or not (sweep_dir / SWEEP_FILE).is_file():
         raise ConfigError(f"--resume: {sweep_dir} is not a sweep directory (no {SPEC_FILE})")
     raw = yaml.safe_load((sweep_dir / SPEC_FILE).read_text())
@@ -985,6 +992,17 @@ def execute(tuner, sweep: Sweep, sweep_run_id: str, tracker, console: Console) -
     except BaseException:
         tracker.finish(sweep_run_id, "FAILED")
         raise
+    # Ctrl-C (or SIGUSR1) makes Tune save its state and return as if done; the saved state
+    # (what --resume restores) still has the unfinished trials RUNNING or PENDING.
+    unfinished = [
+        t for t, status in saved_statuses(sweep).items() if status not in ("TERMINATED", "ERROR")
+    ]
+    if unfinished:
+        tracker.finish(sweep_run_id, "KILLED")
+        raise SweepInterrupted(
+            f"sweep interrupted with {len(unfinished)} trial(s) unfinished; continue it with: "
+            f"progan tune --resume {sweep.sweep_dir}"
+        )
     errored = {r.path and Path(r.path).name: r.error is not None for r in grid}
     rows = collect_rows(sweep, errored)
     best = pick_best(rows, sweep.spec.search.mode)
@@ -1012,6 +1030,22 @@ def execute(tuner, sweep: Sweep, sweep_run_id: str, tracker, console: Console) -
     return SweepResult(
         sweep.sweep_dir, rows, best, best_path, sweep.tracking_uri, sweep_run_id, wall
     )
+
+
+def saved_statuses(sweep: Sweep) -> dict[str, str]:
+    """Trial id -> status in Tune's saved experiment state."""
+    import logging
+
+    from ray.tune import ExperimentAnalysis
+
+    quiet = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # trials without results yet are not worth a warning
+    try:
+        analysis = ExperimentAnalysis(str(sweep.sweep_dir / "ray"))
+    finally:
+        quiet.setLevel(level)
+    return {t.trial_id: t.status for t in analysis.trials}
 
 
 def collect_rows(sweep: Sweep, errored: dict[str, bool]) -> list[TrialRow]:

@@ -17,7 +17,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("spec", nargs="?", help="tune spec, e.g. conf/tune/demo.yaml")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the spec")
     p.add_argument("--name", default=None, help="sweep name (default: spec name or stem + time)")
-    p.add_argument("--resume", metavar="SWEEP_DIR", default=None, help="continue this sweep")
+    p.add_argument(
+        "--resume",
+        metavar="SWEEP_DIR",
+        default=None,
+        help="continue this sweep (a directory, or a name under runs/tune)",
+    )
     p.add_argument(
         "--retry-errored", action="store_true", help="with --resume: run errored trials again"
     )
@@ -31,12 +36,11 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.markup import escape
 
+    from pipeline import tune
     from pipeline.config import ConfigError
 
     console = Console(soft_wrap=True)
     try:
-        from pipeline import tune
-
         if args.resume:
             if args.spec or args.overrides:
                 raise ConfigError("--resume takes the sweep directory only (no spec, overrides)")
@@ -48,12 +52,15 @@ def run(args: argparse.Namespace) -> int:
                 raise ConfigError("a tune spec (conf/tune/NAME.yaml) or --resume DIR is needed")
             sweep = tune.load_sweep(args.spec, args.overrides, name=args.name)
             if args.dry_run:
-                console.print(tune.dry_run_text(sweep), highlight=False)
+                console.print(escape(tune.dry_run_text(sweep)), highlight=False)
                 return 0
             result = tune.start_sweep(sweep, args.address, console)
     except ConfigError as err:
         console.print(f"[red]config error:[/] {escape(str(err))}", highlight=False)
         return 2
+    except tune.SweepInterrupted as err:
+        console.print(f"[yellow]{escape(str(err))}[/]", highlight=False)
+        return 130
     console.print(f"\n[bold green]sweep done[/] in {result.wall_s:.0f} s: {result.sweep_dir}")
     if result.best_config:
         console.print(f"  best config   : {result.best_config}")
