@@ -23,6 +23,7 @@
 #                               counted); if it stops early, run `progan` again to continue
 #   QUALITY_SOURCE              CelebA zip, if not at the config's ../shared/data/celeba-10k.zip
 #   EXTRA                       key=value overrides for both runs (quoted, space-separated)
+#   PROGAN_EXTRA, DCGAN_EXTRA   key=value overrides for one of them
 #
 # Every step resumes: after an interruption, run the same command again.
 set -euo pipefail
@@ -71,7 +72,8 @@ EOF
 }
 
 step_progan() {
-  train_local "$PROGAN_CONF" --out "$QUALITY_DIR/progan" --final-eval-only \
+  # shellcheck disable=SC2086
+  train_local "$PROGAN_CONF" ${PROGAN_EXTRA:-} --out "$QUALITY_DIR/progan" --final-eval-only \
     --time-budget-min "$PROGAN_BUDGET_MIN"
   if [[ $(json_get "$QUALITY_DIR/progan/summary.json" complete) != True ]]; then
     echo "ProGAN stopped by its ${PROGAN_BUDGET_MIN}-minute budget; run '$0 progan' again to continue"
@@ -90,10 +92,12 @@ step_dcgan() {
   local minutes
   minutes=$("$PYTHON" - "$QUALITY_DIR/dcgan/checkpoint.pt" "$target" <<'EOF'
 import pathlib, sys
-from progan.checkpoint import load_checkpoint
 
-path, target = pathlib.Path(sys.argv[1]), float(sys.argv[2])
-done = load_checkpoint(path).get("train_local", {}).get("train_seconds", 0.0) if path.is_file() else 0.0
+path, target, done = pathlib.Path(sys.argv[1]), float(sys.argv[2]), 0.0
+if path.is_file():  # the training seconds an earlier, interrupted invocation saved
+    from progan.checkpoint import load_checkpoint
+
+    done = load_checkpoint(path).get("train_local", {}).get("train_seconds", 0.0)
 print(f"{max(target - done, 0.0) / 60:.4f}")
 EOF
 )
@@ -103,7 +107,9 @@ EOF
   fi
   echo "DCGAN: ${minutes} minutes of training (the ProGAN trained ${target} s)"
   # many more images than fit in that time, so that the time budget is what stops it
-  train_local "$DCGAN_CONF" schedule.stabilize_kimg=100000 --out "$QUALITY_DIR/dcgan" \
+  # shellcheck disable=SC2086
+  train_local "$DCGAN_CONF" ${DCGAN_EXTRA:-} schedule.stabilize_kimg=100000 \
+    --out "$QUALITY_DIR/dcgan" \
     --time-budget-min "$minutes"
 }
 

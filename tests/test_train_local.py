@@ -7,6 +7,7 @@ continued, must end with exactly the weights of an uninterrupted one.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -238,3 +239,48 @@ def test_train_local_imports_neither_ray_nor_mlflow():
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_quality_script_gives_the_dcgan_the_progans_training_time(dataset, tmp_path):
+    tiny = (
+        f"data.dataset={dataset} data.loader_workers=0 model.resolution=8 model.latent_size=16 "
+        "model.fmap_base=64 model.fmap_max=16 model.dcgan_width=8 eval.num_images=32 "
+        f"train.bf16=false train.channels_last=false run.root={tmp_path} "
+        "run.checkpoint_every_kimg=0.128 run.log_every_kimg=0.128 run.sample_grid=4"
+    )
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "DEVICE": "cpu",
+        "QUALITY_DIR": str(tmp_path / "quality"),
+        "EXTRA": tiny,
+        # the presets' batches (128 at 4x4 and 8x8): one step per phase
+        "PROGAN_EXTRA": "schedule.transition_kimg=0.128 schedule.stabilize_kimg=0.128 "
+        "schedule.total_kimg=null",
+        "PROGAN_BUDGET_MIN": "1",  # a safety stop only
+        "DCGAN_EXTRA": "schedule.start_resolution=8",
+    }
+    script = REPO_ROOT / "scripts" / "quality_run.sh"
+    proc = subprocess.run(
+        ["bash", str(script), "progan", "dcgan", "compare", "collect", str(tmp_path / "back")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO_ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    progan, dcgan = (
+        json.loads((tmp_path / "back" / f"{n}-summary.json").read_text())
+        for n in ("progan", "dcgan")
+    )
+    assert progan["complete"] and progan["arch"] == "progan" and dcgan["arch"] == "dcgan"
+    # the budget is checked after every step: the DCGAN stops within a step of the target
+    assert progan["train_seconds"] <= dcgan["train_seconds"] < progan["train_seconds"] + 2.0
+    assert not dcgan["complete"] and dcgan["images_shown"] > 0
+    table = (tmp_path / "quality" / "comparison.md").read_text()
+    assert "| progan |" in table and "| dcgan |" in table and "at equal training time" in table
+    assert sorted(p.name for p in (tmp_path / "back").iterdir()) == sorted(
+        ["comparison.md"]
+        + [f"{n}-{f}" for n in ("progan", "dcgan") for f in ("summary.json", "metrics.jsonl")]
+        + [f"{n}-samples-final.png" for n in ("progan", "dcgan")]
+    )
