@@ -171,9 +171,10 @@ CARRY_WHEELS="lmdb pydantic pydantic_core annotated_types typing_inspection pyto
   facenet_pytorch jsonschema jsonschema_specifications referencing rpds_py"
 
 step_carry() {
-  local dest=$1 tmp name source
+  local dest=$1 tmp=local/.quality-carry-tmp name source # device_wheels.sh wants a relative path
   local pins=()
-  tmp=$(mktemp -d)
+  rm -rf "$tmp"
+  mkdir -p "$tmp"
   for name in $CARRY_WHEELS; do # the versions this project's venv runs
     pins+=("$name==$("$PYTHON" -c 'import importlib.metadata as m, sys
 print(m.version(sys.argv[1]))' "$name")")
@@ -182,14 +183,21 @@ print(m.version(sys.argv[1]))' "$name")")
   ../shared/tools/device_wheels.sh "$tmp/wheels" "${pins[@]}" >/dev/null
   mkdir -p "$dest"
   rm -f "$dest"/*.whl
-  cp "$tmp/wheels/ray-slim.tar.xz" "$tmp/wheels/install.sh" "$dest/"
+  cp "$tmp/wheels/install.sh" "$dest/"
   for name in $CARRY_WHEELS; do cp "$tmp/wheels/$name"-[0-9]*.whl "$dest/"; done
+  # preparing needs neither Ray's dashboard web client nor Serve: 2.5 MB less, so that the
+  # folder (about 61 MiB) fits the device tool's 64 MiB with the project
+  mkdir "$tmp/ray"
+  tar -xJf "$tmp/wheels/ray-slim.tar.xz" -C "$tmp/ray"
+  (cd "$tmp/ray" && tar -cf - --exclude=ray/dashboard/client --exclude=ray/serve . | xz -T2 -6) \
+    >"$dest/ray-slim.tar.xz"
   rm -rf "$tmp"
   source=$("$PYTHON" -c 'import sys
 from pipeline.config import load_config
 print(load_config(sys.argv[1], sys.argv[2:]).data.source)' "$PROGAN_CONF" "${OVERRIDES[@]}")
   cp "$source" "$dest/"
-  du -sh "$dest"
+  chmod u+w "$dest/$(basename "$source")"
+  du -sh --apparent-size "$dest"
   echo "on the GPU host, with $dest carried beside the project:"
   echo "  bash $dest/install.sh && export PYTHONPATH=/tmp/site"
   echo "  QUALITY_SOURCE=$dest/$(basename "$source") $0 prepare progan"
