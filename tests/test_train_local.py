@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from pipeline.cli import main
-from pipeline.common import GENERATOR_KEYS, export_generator
+from pipeline.common import GENERATOR_KEYS
 from pipeline.config import ConfigError, PipelineConfig, load_config
 from pipeline.train_local import (
     CHECKPOINT,
@@ -93,6 +93,8 @@ def test_outputs_of_a_full_run(reference):
     plan = phase_plan(cfg.schedule, cfg.model.resolution)
 
     # generator.pt: exactly `progan run`'s export of the final checkpoint, and usable
+    from pipeline.run import export_generator  # the Ray pipeline's own (imports MLflow)
+
     exported = load_checkpoint(out / GENERATOR_FILE)
     assert set(exported) == {"format", "version", *GENERATOR_KEYS}
     ray_style = load_checkpoint(export_generator(out / CHECKPOINT, out / "exported-again.pt"))
