@@ -44,6 +44,15 @@ class Interrupt(Exception):
     """Raised from a checkpoint hook to stop a run the way a crash would."""
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny networks gain nothing from more threads, and a busy box makes them spin."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     return make_tiny_dataset(tmp_path_factory.mktemp("data"), n=32, resolution=8)
@@ -253,6 +262,7 @@ def test_quality_script_gives_the_dcgan_the_progans_training_time(dataset, tmp_p
     env = {
         **os.environ,
         "PYTHON": sys.executable,
+        "OMP_NUM_THREADS": "1",
         "DEVICE": "cpu",
         "QUALITY_DIR": str(tmp_path / "quality"),
         "EXTRA": tiny,
