@@ -19,8 +19,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from pipeline.common import config_differences, ensure_dataset, export_generator
 from pipeline.config import (
-    BUILTIN_SAMPLE_FACES,
     ConfigError,
     PipelineConfig,
     dump_config,
@@ -29,7 +29,6 @@ from pipeline.config import (
 )
 from pipeline.state import RunState
 from pipeline.tracking import Tracker, flatten, resolve_uri
-from progan.checkpoint import load_checkpoint, save_checkpoint
 from progan.schedule import Phase, phase_plan
 
 CONFIG_FILE = "config.yaml"
@@ -75,18 +74,6 @@ def plan_table(cfg: PipelineConfig, plan: list[Phase]) -> Table:
     return table
 
 
-def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two config dicts."""
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b, name = old.get(key), new.get(key), f"{prefix}{key}"
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += config_differences(a, b, f"{name}.")
-        elif a != b:
-            out.append(name)
-    return out
-
-
 def open_run_dir(cfg: PipelineConfig, run_id: str) -> tuple[Path, RunState]:
     """Create or reopen a run directory; refuse to resume under a changed config."""
     run_dir = Path(cfg.run.root).resolve() / run_id
@@ -109,48 +96,6 @@ def open_run_dir(cfg: PipelineConfig, run_id: str) -> tuple[Path, RunState]:
     dump_config(cfg, config_path)
     state.save(state_path)
     return run_dir, state
-
-
-def ensure_dataset(cfg: PipelineConfig, plan: list[Phase], console: Console) -> None:
-    """Prepare `data.dataset` from `data.source` if needed; check every planned LMDB."""
-    from preprocessing.lmdb_store import MANIFEST, available_resolutions
-
-    dataset = Path(cfg.data.dataset)
-    if not (dataset / MANIFEST).is_file():
-        if cfg.data.source is None:
-            raise ConfigError(
-                f"data.dataset: {dataset} is not a prepared dataset (no {MANIFEST}) and "
-                "data.source is not set; run `progan prepare SOURCE "
-                f"{dataset} --resolution {cfg.model.resolution}` first"
-            )
-        prepare_source(cfg, console)
-    have = available_resolutions(dataset)
-    missing = sorted({p.resolution for p in plan} - set(have))
-    if missing:
-        raise ConfigError(
-            f"data.dataset: {dataset} has no LMDB for resolution(s) {missing} (it has "
-            f"{have}); prepare it with --resolution {cfg.model.resolution}"
-        )
-
-
-def prepare_source(cfg: PipelineConfig, console: Console) -> None:
-    """Run `progan prepare` for data.source (making the built-in sample faces if asked)."""
-    from preprocessing.prepare import prepare_dataset
-    from preprocessing.samples import make_sample_faces
-
-    source = cfg.data.source
-    if source == BUILTIN_SAMPLE_FACES:
-        folder = Path(cfg.run.root) / "sample-faces"
-        console.print(f"making {cfg.data.sample_faces} built-in sample faces in {folder}")
-        source = str(make_sample_faces(folder, n=cfg.data.sample_faces, seed=0))
-    console.print(f"preparing {source} -> {cfg.data.dataset}")
-    summary = prepare_dataset(
-        source, cfg.data.dataset, cfg.model.resolution, progress=True, **cfg.data.prepare
-    )
-    console.print(
-        f"prepared {summary.records} faces from {summary.inputs} inputs "
-        f"({summary.rejected} rejected: {summary.reject_reasons})"
-    )
 
 
 # Ray Train V2's controller polls the worker group every 2 s by default; each phase waits
@@ -203,13 +148,6 @@ def fit_phase(
         ),
     )
     return trainer.fit()
-
-
-def export_generator(final_checkpoint: Path, path: Path) -> Path:
-    """A standalone file with the EMA generator, its config and where it stopped."""
-    state = load_checkpoint(final_checkpoint)
-    keep = ("config", "G_ema", "images_shown", "phase_index", "phase_name", "resolution", "alpha")
-    return save_checkpoint({k: state[k] for k in keep}, path)
 
 
 def run_pipeline(

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from pipeline.common import evaluate_trainer
 from pipeline.config import PipelineConfig
 from pipeline.tracking import MetricLogger
 from preprocessing.lmdb_store import LmdbImageDataset
@@ -119,7 +120,7 @@ def phase_worker(config: dict[str, Any]) -> None:
         metrics["train_seconds"] = time.perf_counter() - started
         if final and rank == 0 and cfg.eval.enabled and cfg.eval.metrics:
             # before the report, so that the driver (and Tune) get the numbers
-            results = evaluate_phase(cfg, trainer, phase, run_dir.parent / "metrics-cache")
+            results = evaluate_trainer(cfg, trainer, phase, run_dir.parent / "metrics-cache")
             logger.log(results, shown)
             metrics["eval"] = results
         with tempfile.TemporaryDirectory() as tmp:
@@ -171,25 +172,3 @@ def view_of(trainer: GANTrainer, phase: Phase, final: bool) -> tuple[int, float]
         return phase.level, 1.0
     point = trainer.point
     return point.level, point.alpha
-
-
-def evaluate_phase(
-    cfg: PipelineConfig, trainer: GANTrainer, phase: Phase, cache_dir: Path
-) -> dict[str, float]:
-    """The configured metrics of G_ema at the phase's end (real statistics in `cache_dir`)."""
-    from pipeline.evaluation import evaluate_generator
-
-    results = evaluate_generator(
-        trainer.G_ema,
-        phase.level,
-        1.0,
-        cfg.data.dataset,
-        phase.resolution,
-        metrics=tuple(cfg.eval.metrics),
-        num_images=cfg.eval.num_images,
-        fid_weights=cfg.eval.fid_weights,
-        device=trainer.device,
-        seed=cfg.train.seed,
-        cache_dir=cache_dir,
-    )
-    return {k: float(v) for k, v in results.items() if isinstance(v, int | float)}
