@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.cli import main
+from pipeline.common import GENERATOR_KEYS
 from pipeline.generator_io import GeneratorLoadError, load_generator, parse_size, sample_latents
 from progan.checkpoint import save_checkpoint
 from progan.dcgan import DCGANGenerator
@@ -29,16 +30,6 @@ from progan.trainer import GANTrainer
 from tests.conftest import REPO_ROOT
 from tests.helpers import run_steps, tiny_config
 
-# the keys pipeline.run.export_generator copies from the final checkpoint into generator.pt
-GENERATOR_KEYS = (
-    "config",
-    "G_ema",
-    "images_shown",
-    "phase_index",
-    "phase_name",
-    "resolution",
-    "alpha",
-)
 ONNX_READY = all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime"))
 
 
