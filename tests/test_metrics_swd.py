@@ -213,3 +213,15 @@ def test_real_descriptor_cache_needs_enough_images(tmp_path):
     key = SWDCacheKey(dataset="tiny", resolution=32, n_images=10)
     with pytest.raises(ValueError, match="10 needed"):
         load_or_compute_real_descriptors(tmp_path, key, lambda: [structured_images(4, 32)])
+
+
+def test_unwritable_cache_costs_only_the_caching(tmp_path):
+    """A read-only dataset (its metrics-cache cannot be created) still gets evaluated."""
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("a file where the cache directory would go")
+    images = structured_images(10, 32)
+    key = SWDCacheKey(dataset="read-only", resolution=32, n_images=10)
+    with pytest.warns(UserWarning, match="not cached"):
+        real = load_or_compute_real_descriptors(blocked / "cache", key, lambda: images.split(4))
+    assert swd(real, descriptors(images))["SWDx1e3_avg"] == pytest.approx(0.0, abs=1e-6)
+    assert blocked.read_text().startswith("a file")

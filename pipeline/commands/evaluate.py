@@ -49,7 +49,11 @@ def run(args: argparse.Namespace) -> int:
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
     gen = load_generator(args.ckpt, args.device)
     if not (args.data / "manifest.json").is_file():
-        raise ToolError(f"--data {args.data} is not a prepared dataset (no manifest.json)")
+        raise ToolError(
+            f"--data {args.data} is not a prepared dataset (no manifest.json); make one with "
+            f"`progan prepare {args.data} PREPARED --resolution {gen.resolution}` and pass "
+            "PREPARED (with the --detector and --crop the training data had)"
+        )
     try:
         results = evaluate_generator(
             gen.module,

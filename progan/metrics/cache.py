@@ -7,9 +7,11 @@ name is a hash of the key; the key itself is stored inside the file and checked 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,9 @@ def load_or_compute(
 ) -> dict[str, Any]:
     """Load the entry for ``key`` from ``cache_dir``, or ``compute()`` it and store it.
 
-    The write is atomic (temporary file + rename), so a crash never leaves a half file.
+    The write is atomic (temporary file + rename), so a crash never leaves a half file. A
+    cache directory that cannot be written (a read-only dataset) only costs the caching: the
+    value is returned with a warning.
     """
     path = cache_path(cache_dir, kind, key)
     key_text = json.dumps(dict(key), sort_keys=True)
@@ -42,8 +46,13 @@ def load_or_compute(
             raise RuntimeError(f"cache file {path} holds key {entry.get('key')}, not {key_text}")
         return entry["value"]
     value = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"key": key_text, "value": value}, tmp)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"key": key_text, "value": value}, tmp)
+        os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        warnings.warn(f"not cached ({err}); pass another cache directory", stacklevel=2)
     return value
