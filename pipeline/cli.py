@@ -29,7 +29,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `progan` console script."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops filling a nargs="*" positional at the first option, so that
+    # `progan run conf.yaml --dry-run train.loss=wgan` would refuse the override: take
+    # key=value words that come after options as overrides too
+    overrides = getattr(args, "overrides", None)
+    stray = [w for w in extra if w.startswith("-") or "=" not in w or overrides is None]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*overrides, *extra]
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -71,3 +71,15 @@ def test_cli_reports_config_errors_with_exit_2(capsys):
     assert code == 2
     out = capsys.readouterr().out
     assert "config error: train.optimizer: Input should be 'adam' or 'rmsprop'" in out
+
+
+def test_overrides_may_follow_options(tmp_path, capsys):
+    """`progan run conf.yaml --dry-run k=v` takes k=v (argparse alone would refuse it)."""
+    demo = str(REPO_ROOT / "conf" / "demo.yaml")
+    code = main(["run", demo, "--dry-run", f"run.root={tmp_path}", "train.loss=wgan"])
+    assert code == 0, capsys.readouterr().out
+    (resolved,) = tmp_path.glob("*/config.resolved.yaml")
+    assert "loss: wgan" in resolved.read_text()
+    with pytest.raises(SystemExit):
+        main(["run", demo, "--dry-run", "stray"])
+    assert "unrecognized arguments: stray" in capsys.readouterr().err
