@@ -7,10 +7,10 @@ that a rerun (`progan run --run-id ID` or `progan resume RUN_DIR`) can continue 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from preprocessing.lmdb_store import write_json_atomic
 
 
 @dataclass
@@ -44,8 +44,4 @@ class RunState:
         return cls(**raw, phases=phases)
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".state.", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump(asdict(self), f, indent=2)
-        os.replace(tmp, path)
+        write_json_atomic(path, asdict(self), indent=2)

@@ -53,6 +53,7 @@ from pipeline.config import (
     parse_overrides,
     validate_config,
 )
+from preprocessing.lmdb_store import write_json_atomic
 from progan.config import StrictModel
 from progan.schedule import phase_plan
 
@@ -624,9 +625,7 @@ class TrialRecord:
         return cls(trial_id, params)
 
     def save(self, run_dir: Path) -> None:
-        tmp = run_dir / f".{TRIAL_FILE}.tmp"
-        tmp.write_text(json.dumps(self.__dict__, indent=2, default=str))
-        os.replace(tmp, run_dir / TRIAL_FILE)
+        write_json_atomic(run_dir / TRIAL_FILE, self.__dict__, indent=2, default=str)
 
 
 def params_text(params: dict[str, Any]) -> str:
@@ -695,9 +694,7 @@ class ResumableASHA(AsyncHyperBandScheduler):
 
     def _save(self) -> None:
         state = {"brackets": [[[m, r] for m, r in b._rungs] for b in self._brackets]}
-        tmp = Path(f"{self._state_file}.tmp")
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, self._state_file)
+        write_json_atomic(self._state_file, state)
 
     def on_trial_add(self, tune_controller, trial) -> None:
         self._load()

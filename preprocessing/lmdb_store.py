@@ -20,8 +20,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import lmdb
 import numpy as np
@@ -110,12 +112,26 @@ class LmdbWriter:
         self.envs.clear()
 
 
+def write_json_atomic(path: str | os.PathLike, data: Any, **dumps: Any) -> Path:
+    """Write `data` as JSON to `path` through a temporary file and a rename, so a reader (or
+    a crash) never sees half a file. `dumps` goes to `json.dumps` (indent, sort_keys...).
+    The project's one atomic JSON writer: manifests, prepare progress, run and sweep state."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(data, **dumps) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def write_manifest(dataset_dir: str | os.PathLike, manifest: dict) -> None:
-    """Write manifest.json atomically (temp file + rename)."""
-    path = Path(dataset_dir) / MANIFEST
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    """Write manifest.json atomically."""
+    write_json_atomic(Path(dataset_dir) / MANIFEST, manifest, indent=2, sort_keys=True)
 
 
 def read_manifest(dataset_dir: str | os.PathLike) -> dict:

@@ -26,6 +26,7 @@ from preprocessing.lmdb_store import (
     LmdbWriter,
     read_manifest,
     resolution_dir,
+    write_json_atomic,
     write_manifest,
 )
 from preprocessing.process import ShardProcessor, ShardResult
@@ -139,12 +140,6 @@ def _read_items(source: Source, keys: list[str]) -> list[tuple[str, bytes | Reje
     return items
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _shard_file(out: Path, shard: int) -> Path:
     return out / PROGRESS / f"shard-{shard:06d}.json"
 
@@ -252,7 +247,7 @@ def prepare_dataset(
         return _summary_from_manifest(out, previous, time.perf_counter() - t_start)
 
     (out / PROGRESS).mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(out / PROGRESS / "run.json", run)
+    write_json_atomic(out / PROGRESS / "run.json", run, sort_keys=True)
     shards = _shards(src.keys, config.shard_size)
     pending = [(i, keys) for i, keys in enumerate(shards) if not _shard_file(out, i).is_file()]
 
@@ -265,12 +260,13 @@ def prepare_dataset(
     def on_result(result: ShardResult, n_items: int) -> None:
         nonlocal faces, rejected
         writer.put(result.records)
-        _write_json_atomic(
+        write_json_atomic(
             _shard_file(out, result.shard),
             {
                 "keys": [k for k, _ in result.records],
                 "rejects": [asdict(r) for r in result.rejects],
             },
+            sort_keys=True,
         )
         nodes.add(result.node_id)
         for stage, seconds in result.timings.items():

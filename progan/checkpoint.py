@@ -26,14 +26,14 @@ class UnsafeCheckpointError(RuntimeError):
     """The file holds something other than tensors and primitives (it could run code)."""
 
 
-def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Atomically write `state` (tensors and primitives only) to `path`."""
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """`torch.save` to a temporary file beside `path`, fsync, then rename over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, "version": VERSION, **state}, f)
+            torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -41,6 +41,11 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Atomically write `state` (tensors and primitives only) to `path`."""
+    return atomic_torch_save({"format": FORMAT, "version": VERSION, **state}, path)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:

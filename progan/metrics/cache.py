@@ -7,16 +7,16 @@ name is a hash of the key; the key itself is stored inside the file and checked 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from progan.checkpoint import atomic_torch_save
 
 
 def cache_path(cache_dir: str | Path, kind: str, key: Mapping[str, Any]) -> Path:
@@ -46,13 +46,8 @@ def load_or_compute(
             raise RuntimeError(f"cache file {path} holds key {entry.get('key')}, not {key_text}")
         return entry["value"]
     value = compute()
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"key": key_text, "value": value}, tmp)
-        os.replace(tmp, path)
+        atomic_torch_save({"key": key_text, "value": value}, path)
     except OSError as err:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
         warnings.warn(f"not cached ({err}); pass another cache directory", stacklevel=2)
     return value
