@@ -13,7 +13,13 @@ from typing import Any
 
 from rich.console import Console
 
-from pipeline.config import BUILTIN_SAMPLE_FACES, ConfigError, PipelineConfig
+from pipeline.config import (
+    BUILTIN_SAMPLE_FACES,
+    ConfigError,
+    PipelineConfig,
+    load_config_dict,
+    validate_config,
+)
 from progan.checkpoint import load_checkpoint, save_checkpoint
 from progan.schedule import Phase
 from progan.trainer import GANTrainer
@@ -113,6 +119,14 @@ def evaluate_trainer(
         cache_dir=cache_dir,
     )
     return {k: float(v) for k, v in results.items() if isinstance(v, int | float)}
+
+
+def changed_since(config_path: Path, cfg: PipelineConfig, resumable: tuple[str, ...]) -> list[str]:
+    """Dotted keys where `cfg` differs from the config saved at `config_path`, leaving out
+    keys that start with one of the `resumable` prefixes (those may change on a rerun)."""
+    old = validate_config(load_config_dict(config_path)).model_dump(mode="json")
+    new = cfg.model_dump(mode="json")
+    return [k for k in config_differences(old, new) if not k.startswith(resumable)]
 
 
 def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:

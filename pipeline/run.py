@@ -19,13 +19,11 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.common import config_differences, ensure_dataset, export_generator
+from pipeline.common import changed_since, ensure_dataset, export_generator
 from pipeline.config import (
     ConfigError,
     PipelineConfig,
     dump_config,
-    load_config_dict,
-    validate_config,
 )
 from pipeline.state import RunState
 from pipeline.tracking import Tracker, flatten, resolve_uri
@@ -79,12 +77,7 @@ def open_run_dir(cfg: PipelineConfig, run_id: str) -> tuple[Path, RunState]:
     run_dir = Path(cfg.run.root).resolve() / run_id
     config_path, state_path = run_dir / CONFIG_FILE, run_dir / STATE_FILE
     if state_path.is_file():
-        old = validate_config(load_config_dict(config_path)).model_dump(mode="json")
-        changed = [
-            k
-            for k in config_differences(old, cfg.model_dump(mode="json"))
-            if not k.startswith(RESUMABLE_CHANGES)
-        ]
+        changed = changed_since(config_path, cfg, RESUMABLE_CHANGES)
         if changed:
             raise ConfigError(
                 f"run {run_id} exists with a different config ({', '.join(changed)}); "

@@ -34,7 +34,7 @@ import torch
 from rich.console import Console
 
 from pipeline.common import (
-    config_differences,
+    changed_since,
     ensure_dataset,
     evaluate_trainer,
     export_state,
@@ -43,8 +43,6 @@ from pipeline.config import (
     ConfigError,
     PipelineConfig,
     dump_config,
-    load_config_dict,
-    validate_config,
 )
 from preprocessing.lmdb_store import LmdbImageDataset
 from progan.checkpoint import load_checkpoint, save_checkpoint
@@ -110,12 +108,7 @@ def open_out_dir(cfg: PipelineConfig, out: Path) -> None:
     """Create `out`, or refuse to continue it under a config that changes what is trained."""
     config_path = out / CONFIG_FILE
     if config_path.is_file():
-        old = validate_config(load_config_dict(config_path)).model_dump(mode="json")
-        changed = [
-            k
-            for k in config_differences(old, cfg.model_dump(mode="json"))
-            if not k.startswith(RESUMABLE_CHANGES)
-        ]
+        changed = changed_since(config_path, cfg, RESUMABLE_CHANGES)
         if changed:
             raise ConfigError(
                 f"{out} was started with a different config ({', '.join(changed)}); "

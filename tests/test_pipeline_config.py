@@ -83,3 +83,19 @@ def test_overrides_may_follow_options(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["run", demo, "--dry-run", "stray"])
     assert "unrecognized arguments: stray" in capsys.readouterr().err
+
+
+def test_rerun_under_a_changed_config_is_refused(tmp_path):
+    """A run id continues only under its own config; resumable keys (eval, tracking) may
+    change. No dataset or Ray is needed to open a run directory."""
+    from pipeline.run import open_run_dir
+    from tests.pipeline_helpers import tiny_pipeline_config
+
+    cfg = tiny_pipeline_config(tmp_path / "data", tmp_path)
+    run_dir, _ = open_run_dir(cfg, "r1")
+    assert (run_dir / "state.json").is_file()
+    eval_changed = tiny_pipeline_config(tmp_path / "data", tmp_path, eval={"num_images": 64})
+    assert open_run_dir(eval_changed, "r1")[0] == run_dir
+    gp_changed = tiny_pipeline_config(tmp_path / "data", tmp_path, train={"gp_lambda": 5.0})
+    with pytest.raises(ConfigError, match=r"different config \(train\.gp_lambda\)"):
+        open_run_dir(gp_changed, "r1")
