@@ -1,4 +1,5 @@
-"""progan/ is plain PyTorch: importing all of it pulls in neither Ray nor MLflow."""
+"""Import boundaries, each checked in a fresh interpreter: progan/ is plain PyTorch (no Ray,
+MLflow or pipeline), and train-local runs on a bare GPU host (no Ray, no MLflow)."""
 
 import subprocess
 import sys
@@ -6,12 +7,11 @@ import sys
 from tests.conftest import REPO_ROOT
 
 
-def test_progan_imports_neither_ray_nor_mlflow():
+def assert_imports_leave_out(import_code: str, banned: tuple[str, ...]) -> None:
+    """Run `import_code` in a new Python; fail if any `banned` top-level package got loaded."""
     code = (
-        "import importlib, pkgutil, sys, progan\n"
-        "for m in pkgutil.walk_packages(progan.__path__, 'progan.'):\n"
-        "    importlib.import_module(m.name)\n"
-        "bad = sorted(k for k in sys.modules if k.split('.')[0] in ('ray', 'mlflow', 'pipeline'))\n"
+        f"import sys\n{import_code}\n"
+        f"bad = sorted(k for k in sys.modules if k.split('.')[0] in {banned!r})\n"
         "print(bad)\n"
         "sys.exit(1 if bad else 0)\n"
     )
@@ -19,3 +19,18 @@ def test_progan_imports_neither_ray_nor_mlflow():
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_progan_imports_neither_ray_nor_mlflow():
+    assert_imports_leave_out(
+        "import importlib, pkgutil, progan\n"
+        "for m in pkgutil.walk_packages(progan.__path__, 'progan.'):\n"
+        "    importlib.import_module(m.name)",
+        ("ray", "mlflow", "pipeline"),
+    )
+
+
+def test_train_local_imports_neither_ray_nor_mlflow():
+    assert_imports_leave_out(
+        "import pipeline.train_local, pipeline.commands.train_local", ("ray", "mlflow")
+    )

@@ -239,19 +239,6 @@ def test_quick_presets_share_data_and_evaluation(name):
     assert len(plan) == (1 if cfg.model.arch == "dcgan" else 9)
 
 
-def test_train_local_imports_neither_ray_nor_mlflow():
-    code = (
-        "import sys, pipeline.train_local, pipeline.commands.train_local\n"
-        "bad = sorted(k for k in sys.modules if k.split('.')[0] in ('ray', 'mlflow'))\n"
-        "print(bad)\n"
-        "sys.exit(1 if bad else 0)\n"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-
-
 def test_quality_script_gives_the_dcgan_the_progans_training_time(dataset, tmp_path):
     tiny = (
         f"data.dataset={dataset} data.loader_workers=0 model.resolution=8 model.latent_size=16 "
