@@ -17,10 +17,11 @@ from pipeline.config import (
     BUILTIN_SAMPLE_FACES,
     ConfigError,
     PipelineConfig,
+    absolute_paths,
     load_config_dict,
     validate_config,
 )
-from progan.checkpoint import load_checkpoint, save_checkpoint
+from progan.checkpoint import save_checkpoint
 from progan.schedule import Phase
 from progan.trainer import GANTrainer
 
@@ -89,19 +90,14 @@ def export_state(state: dict[str, Any], path: Path) -> Path:
     return save_checkpoint({k: state[k] for k in GENERATOR_KEYS}, path)
 
 
-def export_generator(final_checkpoint: Path, path: Path) -> Path:
-    """A standalone file with the EMA generator, its config and where it stopped."""
-    return export_state(load_checkpoint(final_checkpoint), path)
-
-
 def evaluate_trainer(
-    cfg: PipelineConfig, trainer: GANTrainer, phase: Phase, cache_dir: Path
+    cfg: PipelineConfig, trainer: GANTrainer, phase: Phase, cache_dir: Path | None
 ) -> dict[str, float]:
     """cfg.eval's metrics of G_ema in `phase` at the trainer's images shown.
 
     The phase is explicit because at a phase's last image the trainer's own position is
     already the next phase (alpha 0 at the next resolution). Real statistics are cached in
-    `cache_dir`.
+    `cache_dir` (None: beside the dataset).
     """
     from pipeline.evaluation import evaluate_generator
 
@@ -121,11 +117,21 @@ def evaluate_trainer(
     return {k: float(v) for k, v in results.items() if isinstance(v, int | float)}
 
 
-def changed_since(config_path: Path, cfg: PipelineConfig, resumable: tuple[str, ...]) -> list[str]:
+def changed_since(
+    config_path: Path,
+    cfg: PipelineConfig,
+    resumable: tuple[str, ...],
+    base: Path | None = None,
+) -> list[str]:
     """Dotted keys where `cfg` differs from the config saved at `config_path`, leaving out
-    keys that start with one of the `resumable` prefixes (those may change on a rerun)."""
-    old = validate_config(load_config_dict(config_path)).model_dump(mode="json")
-    new = cfg.model_dump(mode="json")
+    keys that start with one of the `resumable` prefixes (those may change on a rerun).
+
+    Paths are compared as absolute paths: the saved config's relative ones against `base`
+    (where that run was started; default here), `cfg`'s against the working directory.
+    """
+    saved = absolute_paths(load_config_dict(config_path), base)
+    old = validate_config(saved).model_dump(mode="json")
+    new = absolute_paths(cfg.model_dump(mode="json"))
     return [k for k in config_differences(old, new) if not k.startswith(resumable)]
 
 

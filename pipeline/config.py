@@ -46,13 +46,30 @@ class ScalingSection(StrictModel):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(1, ge=0)
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict,
+        description="custom Ray resources each worker needs (e.g. {trainer_node: 1} to place "
+        "workers on the nodes that advertise it)",
+    )
+
+    @property
+    def worker_resources(self) -> dict[str, float]:
+        """Everything one training worker asks Ray for."""
+        out = {"CPU": self.cpus_per_worker, **self.resources_per_worker}
+        if self.use_gpu:
+            out["GPU"] = self.gpus_per_worker
+        return out
 
 
 class RunSection(StrictModel):
     """Run directory, checkpoint cadence and Ray Train fault tolerance."""
 
     root: str = "runs"
-    storage_path: str | None = Field(None, description="Ray Train storage (default: run dir)")
+    storage_path: str | None = Field(
+        None,
+        description="Ray Train storage every node shares: a path, or a URI pyarrow reads "
+        "(s3://, gs://, file://), kept as given (default: <run dir>/ray, one machine only)",
+    )
     checkpoint_every_kimg: float = Field(10.0, gt=0)
     log_every_kimg: float = Field(1.0, gt=0)
     keep_checkpoints: int = Field(2, ge=1)
@@ -63,7 +80,11 @@ class RunSection(StrictModel):
 class TrackingSection(StrictModel):
     """MLflow."""
 
-    uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI or run-dir SQLite")
+    uri: str | None = Field(
+        None,
+        description="default: $MLFLOW_TRACKING_URI, else SQLite under run.root (one machine "
+        "only: a cluster needs a tracking server's http(s) URI)",
+    )
     experiment: str = "progan"
     log_checkpoints: bool = True
 
@@ -156,6 +177,34 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# Config keys that hold filesystem paths (a URI, or the built-in sample, is left as it is).
+PATH_KEYS = (
+    ("data", "dataset"),
+    ("data", "source"),
+    ("run", "root"),
+    ("run", "storage_path"),
+    ("eval", "fid_weights"),
+)
+
+
+def is_uri(value: str) -> bool:
+    """'s3://bucket/x', 'file:///x' (and 'builtin:sample-faces'): not a plain path."""
+    return "://" in value or value == BUILTIN_SAMPLE_FACES
+
+
+def absolute_paths(raw: dict[str, Any], base: str | os.PathLike | None = None) -> dict[str, Any]:
+    """A copy of a raw config whose relative paths are made absolute against `base`
+    (default: the working directory), so that any process, directory or node that sees the
+    same filesystem reads the same files. URIs are kept as given."""
+    base = Path(base or Path.cwd()).absolute()
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for section, key in PATH_KEYS:
+        value = (out.get(section) or {}).get(key)
+        if isinstance(value, str) and value and not is_uri(value):
+            out[section][key] = os.path.normpath(base / Path(value).expanduser())
+    return out
+
+
 def allowed_keys(model: type[StrictModel], loc: tuple) -> list[str]:
     """The field names accepted at `loc` (for 'unknown key' messages)."""
     for part in loc[:-1]:
@@ -206,9 +255,14 @@ def validate_config(raw: dict) -> PipelineConfig:
         raise ConfigError(describe(err)) from None
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> PipelineConfig:
-    """YAML file + overrides -> validated PipelineConfig."""
-    return validate_config(load_config_dict(path, overrides))
+def load_config(
+    path: str | os.PathLike,
+    overrides: list[str] | None = None,
+    base: str | os.PathLike | None = None,
+) -> PipelineConfig:
+    """YAML file + overrides -> validated PipelineConfig, relative paths made absolute
+    against `base` (default: the working directory, where the user typed them)."""
+    return validate_config(absolute_paths(load_config_dict(path, overrides), base))
 
 
 def dump_config(cfg: PipelineConfig, path: str | os.PathLike) -> Path:

@@ -3,8 +3,10 @@
 The embedded default store is a SQLite file under the runs root (`runs/mlflow.db`) with
 artifacts beside it (`runs/mlartifacts`), so every local run can be compared in one UI.
 Only rank 0 of a phase logs. Logging never crashes training: `MetricLogger` buffers what
-could not be sent, retries on the next call, and at the end writes anything still unsent
-to a JSONL file beside the run and says so.
+could not be sent and retries on the next call; what is still unsent at the end goes to
+the driver through Ray (pipeline.mailbox), which logs it itself or writes it beside the run,
+and says so in the console and in a run tag. A cluster whose workers may run on other
+nodes needs a tracking server (http/https); a local file store is refused there.
 """
 
 from __future__ import annotations
@@ -143,17 +145,37 @@ class Tracker:
 
 
 class MetricLogger:
-    """Rank-0 logging that never raises: buffers on failure, retries, reports gaps."""
+    """Rank-0 logging that never raises: buffers on failure, retries, and says what is lost.
 
-    def __init__(self, uri: str, run_id: str, spill_dir: str | os.PathLike) -> None:
+    A worker has no disk the driver can read, so what could not be sent by `close()` is
+    returned (and posted to the driver by the worker), never spilled to a local file.
+    """
+
+    def __init__(self, uri: str, run_id: str) -> None:
         self.uri, self.run_id = uri, run_id
-        self.spill_dir = Path(spill_dir)
         self.pending: list[Metric] = []
         self.pending_artifacts: list[tuple[str, str | None]] = []
         self.failures = 0
+        self.first_error: str | None = None
+        self.dropped_artifacts: list[str] = []
+        self.skip_through = -1  # steps already in MLflow (a restarted worker repeats them)
         self.client = MlflowClient(tracking_uri=uri)
 
+    def skip_logged(self, key: str, after: int) -> int:
+        """After a restart from `after` images: skip steps this run already has for `key`
+        (the restarted worker repeats them exactly). Returns the last logged step."""
+        try:
+            with fail_fast_http():
+                steps = [m.step for m in self.client.get_metric_history(self.run_id, key)]
+        except Exception as err:  # unknown: log everything again (the restart is tagged)
+            log.warning("could not read %s's history from MLflow: %s", key, err)
+            return after
+        self.skip_through = max([s for s in steps if s > after], default=after)
+        return self.skip_through
+
     def log(self, metrics: dict[str, float], step: int) -> None:
+        if step <= self.skip_through:
+            return
         now = int(time.time() * 1000)
         self.pending += [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
         self.flush()
@@ -173,22 +195,51 @@ class MetricLogger:
                     path, artifact_path = self.pending_artifacts[0]
                     if Path(path).exists():
                         self.client.log_artifact(self.run_id, path, artifact_path)
+                    else:  # its temporary folder is gone: say so at the end
+                        self.dropped_artifacts.append(f"{artifact_path or ''}/{Path(path).name}")
                     self.pending_artifacts.pop(0)
             return True
         except Exception as err:  # tracking must never stop training
             self.failures += 1
-            if self.failures == 1:
+            if self.first_error is None:
+                self.first_error = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
                 log.warning("MLflow logging failed (%s); buffering and retrying", err)
             return False
 
-    def close(self) -> Path | None:
-        """Final flush; spill unsent metrics to JSONL and return its path if any remain."""
-        if self.flush() or not self.pending:
+    def close(self) -> dict[str, Any] | None:
+        """Final flush. None if everything arrived, else what did not: the unsent metrics
+        (as dicts), lost artifacts and the first error, for the driver to deal with."""
+        self.flush()
+        if not (self.pending or self.dropped_artifacts or self.failures):
             return None
-        self.spill_dir.mkdir(parents=True, exist_ok=True)
-        path = self.spill_dir / f"unlogged-metrics-{self.run_id}.jsonl"
-        with path.open("a") as f:
-            for m in self.pending:
-                f.write(json.dumps({"key": m.key, "value": m.value, "step": m.step}) + "\n")
-        log.warning("%d metrics could not reach MLflow; written to %s", len(self.pending), path)
-        return path
+        return {
+            "error": self.first_error,
+            "failures": self.failures,
+            "unsent": [{"key": m.key, "value": m.value, "step": m.step} for m in self.pending],
+            "lost_artifacts": self.dropped_artifacts
+            + [f"{a or ''}/{Path(p).name}" for p, a in self.pending_artifacts],
+        }
+
+
+def is_local_store(uri: str) -> bool:
+    """A SQLite file or a file store: readable only on the machine that holds it."""
+    return not uri.startswith(("http://", "https://", "databricks", "postgresql", "mysql", "mssql"))
+
+
+def local_store_refusal(uri: str) -> str:
+    """The one-line message for a local store on a cluster whose workers run elsewhere."""
+    return (
+        f"tracking.uri: {uri} is a file on this machine, but training workers may run on "
+        "other nodes, which cannot write it. Start a tracking server every node can reach, "
+        "e.g. `mlflow server --backend-store-uri sqlite:///PATH/mlflow.db --host 0.0.0.0 "
+        "--port 5000` (on a trusted network), and pass tracking.uri=http://HOST:5000 "
+        "(or set MLFLOW_TRACKING_URI)"
+    )
+
+
+def tracking_env(uri: str) -> dict[str, str]:
+    """What MLflow needs in a worker's environment: the URI and the driver's MLFLOW_*
+    settings (auth variables, TLS options, timeouts)."""
+    env = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+    env["MLFLOW_TRACKING_URI"] = uri
+    return env

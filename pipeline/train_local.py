@@ -46,6 +46,7 @@ from pipeline.config import (
 )
 from preprocessing.lmdb_store import LmdbImageDataset
 from progan.checkpoint import load_checkpoint, save_checkpoint
+from progan.device import configure_device
 from progan.loop import LoopOptions, crossed, run_phase
 from progan.sampling import fixed_latents, generate, save_grid
 from progan.schedule import Phase, phase_plan
@@ -97,11 +98,7 @@ def resolve_device(name: str | None) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is available here; use --device cpu")
-    if device.type == "cuda":  # shapes are fixed within a phase: let cuDNN pick kernels
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    return device
+    return configure_device(device)
 
 
 def open_out_dir(cfg: PipelineConfig, out: Path) -> None:
@@ -157,7 +154,7 @@ class LocalRun:
         }
         self.origin = "scratch"
         if (out / CHECKPOINT).is_file():
-            state = load_checkpoint(out / CHECKPOINT, device)
+            state = load_checkpoint(out / CHECKPOINT)  # to CPU; load_state_dict places it
             self.trainer.load_state_dict(state)
             self.book.update(state.get(BOOKKEEPING, {}))
             self.origin = f"checkpoint at {self.trainer.images_shown} images"

@@ -25,7 +25,6 @@ MLflow: a parent run for the sweep; each trial's pipeline parent run is nested u
 from __future__ import annotations
 
 import contextlib
-import copy
 import csv
 import io
 import json
@@ -44,9 +43,9 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.config import (
-    BUILTIN_SAMPLE_FACES,
     ConfigError,
     PipelineConfig,
+    absolute_paths,
     describe,
     dump_config,
     merge,
@@ -325,23 +324,6 @@ def validate_value(dim: Dimension, value: Any, raws: dict[str, dict[str, Any]]) 
             ) from None
 
 
-def resolve_paths(raw: dict[str, Any]) -> dict[str, Any]:
-    """Trials run in other processes (and directories): make file paths absolute."""
-    out = copy.deepcopy(raw)
-    for section in ("data", "run", "eval"):
-        out.setdefault(section, {})
-    data, run, ev = out.get("data", {}), out.get("run", {}), out.get("eval", {})
-    if data.get("dataset"):
-        data["dataset"] = str(Path(data["dataset"]).resolve())
-    if data.get("source") and data["source"] != BUILTIN_SAMPLE_FACES:
-        data["source"] = str(Path(data["source"]).resolve())
-    if run.get("storage_path"):
-        run["storage_path"] = str(Path(run["storage_path"]).resolve())
-    if ev.get("fid_weights"):
-        ev["fid_weights"] = str(Path(ev["fid_weights"]).resolve())
-    return out
-
-
 def load_spec_dict(path: str | os.PathLike, overrides: list[str] | None = None) -> dict:
     """The tune YAML with overrides applied and `base` loaded (relative to the YAML's folder)."""
     path = Path(path)
@@ -405,7 +387,7 @@ def build_sweep(raw: dict[str, Any], sweep_dir: Path | None = None) -> Sweep:
     from pipeline.tracking import resolve_uri
 
     uri = resolve_uri(base_cfg.tracking.uri, base_cfg.run.root)
-    trial_raw = resolve_paths(merge(base_raw, int_keys(spec.trial)))
+    trial_raw = absolute_paths(merge(base_raw, int_keys(spec.trial)))
     trial_raw = merge(trial_raw, {"run": {"root": str(sweep_dir / "trials")}})
     trial_raw = merge(trial_raw, {"tracking": {"uri": uri}, "ray_address": None})
     trial_cfg = validate_config(trial_raw)
@@ -959,7 +941,7 @@ def prepare_data(sweep: Sweep, console: Console) -> None:
     """Prepare the dataset once, at the base's full resolution, before trials share it."""
     from pipeline.run import ensure_dataset
 
-    base = validate_config(resolve_paths(sweep.base_raw))
+    base = validate_config(absolute_paths(sweep.base_raw))
     ensure_dataset(base, phase_plan(base.schedule, base.model.resolution), console)
     trial = sweep.trial_cfg
     ensure_dataset(trial, phase_plan(trial.schedule, trial.model.resolution), console)

@@ -2,15 +2,16 @@
 
 Each phase is its own TorchTrainer job. A worker starts from Ray's latest checkpoint of
 this phase if there is one (a restart after a worker failure, or a rerun after the driver
-died), else from the previous phase's final checkpoint, else from scratch. Rank 0 saves
-checkpoints, sample grids and metrics; every rank calls `ray.train.report` at the same
-images-shown counts (it is a barrier).
+died), else from the previous phase's final checkpoint in storage, else from scratch. It
+reads only the dataset and storage (both shared by every node) and talks to the driver only
+through Ray: reports, and the run's mailbox (pipeline.mailbox). Rank 0 saves checkpoints,
+sample grids and metrics; every rank calls `ray.train.report` at the same images-shown
+counts (it is a barrier).
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -24,15 +25,17 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.common import evaluate_trainer
 from pipeline.config import PipelineConfig
+from pipeline.mailbox import post
+from pipeline.storage import STATE_FILE, load_training_state
 from pipeline.tracking import MetricLogger
 from preprocessing.lmdb_store import LmdbImageDataset
 from progan.checkpoint import load_checkpoint, save_checkpoint
+from progan.device import configure_device
 from progan.loop import LoopOptions, run_phase
 from progan.sampling import fixed_latents, generate, save_grid
 from progan.schedule import Phase
-from progan.trainer import GANTrainer
+from progan.trainer import GANTrainer, NonFiniteLossError
 
-STATE_FILE = "state.pt"
 LOGGED_STATS = ("d_loss", "g_loss", "gp", "d_real", "d_fake", "alpha", "lr", "images_per_s")
 
 
@@ -55,10 +58,10 @@ def parameter_digest(module: torch.nn.Module) -> str:
 
 
 def check_replicas_equal(trainer: GANTrainer) -> None:
-    """Raise if G or D differ between ranks at the end of a phase."""
+    """Raise if G, D or G_ema differ between ranks at the end of a phase."""
     if not (dist.is_available() and dist.is_initialized()) or trainer.world_size == 1:
         return
-    mine = (parameter_digest(trainer.G), parameter_digest(trainer.D))
+    mine = tuple(parameter_digest(m) for m in (trainer.G, trainer.D, trainer.G_ema))
     everyone: list[Any] = [None] * trainer.world_size
     dist.all_gather_object(everyone, mine)
     if any(d != everyone[0] for d in everyone):
@@ -66,14 +69,17 @@ def check_replicas_equal(trainer: GANTrainer) -> None:
 
 
 def restore(trainer: GANTrainer, init_checkpoint: str | None) -> str:
-    """Load Ray's latest checkpoint of this phase, else the phase's start; say which."""
+    """Load Ray's latest checkpoint of this phase, else the phase's start; say which.
+
+    States load to CPU and `load_state_dict` places them on the trainer's device.
+    """
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            trainer.load_state_dict(load_checkpoint(Path(d) / STATE_FILE, trainer.device))
+            trainer.load_state_dict(load_checkpoint(Path(d) / STATE_FILE))
         return "ray-checkpoint"
     if init_checkpoint:
-        trainer.load_state_dict(load_checkpoint(init_checkpoint, trainer.device))
+        trainer.load_state_dict(load_training_state(init_checkpoint))
         return "previous-phase"
     return "scratch"
 
@@ -83,44 +89,47 @@ def phase_worker(config: dict[str, Any]) -> None:
     cfg = PipelineConfig.model_validate(config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    device = configure_device(ray.train.torch.get_device())
     trainer = GANTrainer(
         cfg.gan, device, rank, world, wrap=ddp_wrapper(device) if world > 1 else None
     )
     origin = restore(trainer, config.get("init_checkpoint"))
     phase = trainer.plan[config["phase_index"]]
+    mailbox = config.get("mailbox")
     if trainer.images_shown < phase.start_images:
         raise RuntimeError(
             f"phase {phase.name} starts at {phase.start_images} images but the checkpoint "
             f"({origin}) is at {trainer.images_shown}"
         )
+    logger = None
+    if rank == 0:
+        post(mailbox, "start", phase.index, origin=origin, images=trainer.images_shown)
+        logger = MetricLogger(config["tracking_uri"], config["child_run_id"])
+        if origin == "ray-checkpoint":  # a restart: the steps after it may be logged already
+            logger.skip_logged("d_loss", trainer.images_shown)
     dataset = LmdbImageDataset(cfg.data.dataset, phase.resolution)
-    run_dir = Path(config["run_dir"])
-    logger = (
-        MetricLogger(config["tracking_uri"], config["child_run_id"], run_dir) if rank == 0 else None
-    )
     latents = fixed_latents(cfg.run.sample_grid, cfg.model.latent_size, seed=cfg.train.seed)
-    fail_at = config.get("fail_at_images")  # test hook: this rank dies once at that count
-    fail_marker = run_dir / f".failed-once-{phase.index}"
     history: list[dict[str, float]] = []
     started = time.perf_counter()
+    told_driver = False  # of failing MLflow logging, once a phase
 
     def on_stats(stats: dict[str, float]) -> None:
-        step = int(stats["images_shown"])
+        nonlocal told_driver
         history.append({k: stats[k] for k in ("images_shown", *LOGGED_STATS) if k in stats})
         if logger:
-            logger.log({k: v for k, v in stats.items() if k in LOGGED_STATS}, step)
-        if fail_at and rank == world - 1 and step >= fail_at and not fail_marker.exists():
-            fail_marker.touch()
-            os._exit(1)  # simulate a crashed worker process
+            logger.log({k: v for k, v in stats.items() if k in LOGGED_STATS}, stats["images_shown"])
+            if logger.first_error and not told_driver:
+                post(mailbox, "tracking-failing", phase.index, error=logger.first_error)
+                told_driver = True
 
     def on_checkpoint(trainer: GANTrainer, stats: dict[str, float], final: bool) -> None:
         shown = trainer.images_shown
         metrics = {"images_shown": shown, "final": final, "origin": origin}
         metrics["train_seconds"] = time.perf_counter() - started
         if final and rank == 0 and cfg.eval.enabled and cfg.eval.metrics:
-            # before the report, so that the driver (and Tune) get the numbers
-            results = evaluate_trainer(cfg, trainer, phase, run_dir.parent / "metrics-cache")
+            # before the report, so that the driver (and Tune) get the numbers; real
+            # statistics are cached beside the dataset, which every node sees
+            results = evaluate_trainer(cfg, trainer, phase, None)
             logger.log(results, shown)
             metrics["eval"] = results
         with tempfile.TemporaryDirectory() as tmp:
@@ -134,6 +143,8 @@ def phase_worker(config: dict[str, Any]) -> None:
                     Path(tmp) / "samples" / f"{shown:09d}.png",
                 )
                 logger.log_artifact(grid, "samples")
+                if final:
+                    finish_logging(logger, history, tmp, mailbox, phase)
             ray.train.report(
                 metrics, checkpoint=checkpoint, checkpoint_dir_name=f"images-{shown:09d}"
             )
@@ -143,26 +154,35 @@ def phase_worker(config: dict[str, Any]) -> None:
         checkpoint_every_images=max(1, round(cfg.run.checkpoint_every_kimg * 1000)),
         num_workers=cfg.data.loader_workers,
     )
-    run_phase(trainer, dataset, phase, options, on_stats, on_checkpoint)
+    try:
+        run_phase(trainer, dataset, phase, options, on_stats, on_checkpoint)
+    except NonFiniteLossError as err:
+        # every rank sees it at the same step (the check is collective): end the phase
+        # without a restart, which would only reach the same loss again
+        if rank == 0:
+            post(mailbox, "nonfinite", phase.index, message=str(err))
+            if logger:
+                logger.close()
+        return
     check_replicas_equal(trainer)
-    if rank == 0:
-        finish_phase(cfg, trainer, history, run_dir, logger)
 
 
-def finish_phase(
-    cfg: PipelineConfig,
-    trainer: GANTrainer,
-    history: list[dict[str, float]],
-    run_dir: Path,
+def finish_logging(
     logger: MetricLogger,
+    history: list[dict[str, float]],
+    tmp: str,
+    mailbox: Any,
+    phase: Phase,
 ) -> None:
-    """Rank 0 after the phase: loss-curve plot, final flush of the metric logger."""
+    """Rank 0 at the phase end: loss-curve plot, final flush; what MLflow did not get goes
+    to the driver."""
     from pipeline.plots import plot_phase_curves
 
-    with tempfile.TemporaryDirectory() as tmp:
-        if history:
-            logger.log_artifact(plot_phase_curves(history, Path(tmp) / "losses.png"), "plots")
-        logger.close()
+    if history:
+        logger.log_artifact(plot_phase_curves(history, Path(tmp) / "losses.png"), "plots")
+    undelivered = logger.close()
+    if undelivered:
+        post(mailbox, "tracking", phase.index, **undelivered)
 
 
 def view_of(trainer: GANTrainer, phase: Phase, final: bool) -> tuple[int, float]:

@@ -49,7 +49,12 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
-    """Load a checkpoint safely; raise UnsafeCheckpointError for files that would run code."""
+    """Load a checkpoint safely; raise UnsafeCheckpointError for files that would run code.
+
+    Keep the default: a training state loads to CPU and `GANTrainer.load_state_dict` puts
+    each tensor where it belongs (modules and optimizer moments on the training device,
+    Adam's step counters and the RNG states on the CPU, as torch expects them).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -82,17 +87,17 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what `rng_state` captured."""
-    torch.set_rng_state(state["torch"])
+    """Restore what `rng_state` captured, from CPU tensors wherever the state was loaded."""
+    torch.set_rng_state(state["torch"].cpu())
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     n = state["numpy"]
     np.random.set_state(
         (
             "MT19937",
-            n["keys"].numpy().astype(np.uint32),
+            n["keys"].cpu().numpy().astype(np.uint32),
             n["pos"],
             n["has_gauss"],
             n["cached_gaussian"],

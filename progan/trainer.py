@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from progan.checkpoint import rng_state, set_rng_state
@@ -188,11 +189,21 @@ class GANTrainer:
         return 1.0 - real_b, fake_b
 
     def _check(self, name: str, value: torch.Tensor) -> None:
-        if self.cfg.train.check_finite and not torch.isfinite(value).item():
+        """Raise NonFiniteLossError if `value` is NaN/inf here or, under DDP, on any rank.
+
+        The check is collective so that every rank stops at the same step (a rank that
+        raised alone would leave the others waiting in the next all-reduce).
+        """
+        if not self.cfg.train.check_finite:
+            return
+        finite = torch.isfinite(value.detach()).to(torch.int32)
+        if self.world_size > 1 and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not finite.item():
             raise NonFiniteLossError(
-                f"{name} is {value.item()} at images_shown={self.images_shown} "
-                f"(phase {self.phase.name if self.phase else '?'}); stopped before the "
-                "optimizer step. Lower the learning rate or check the data."
+                f"{name} is not finite (here {value.item()}) at images_shown="
+                f"{self.images_shown} (phase {self.phase.name if self.phase else '?'}); "
+                "stopped before the optimizer step. Lower the learning rate or check the data."
             )
 
     @contextmanager

@@ -7,14 +7,18 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import dump_config
-from pipeline.run import run_pipeline
+from pipeline.run import PhaseFailedError, run_dir_of, run_pipeline
+from pipeline.state import RunLock, RunLockedError, RunState
+from pipeline.tracking import resolve_uri
 from progan.checkpoint import load_checkpoint
+from tests import faults
 from tests.conftest import REPO_ROOT
 from tests.pipeline_helpers import make_tiny_dataset, tiny_pipeline_config
 
@@ -34,7 +38,13 @@ def runs_of(uri: str):
 
 
 def metric_steps(client: MlflowClient, run_id: str, key: str = "d_loss") -> list[int]:
-    return sorted({m.step for m in client.get_metric_history(run_id, key)})
+    """Every logged step of `key` in logging order (a step logged twice shows twice)."""
+    history = client.get_metric_history(run_id, key)
+    return [m.step for m in sorted(history, key=lambda m: (m.timestamp, m.step))]
+
+
+def cfg_uri(cfg) -> str:
+    return resolve_uri(cfg.tracking.uri, cfg.run.root)
 
 
 def test_two_worker_ddp_run_is_tracked_in_mlflow(local_ray, dataset, tmp_path):
@@ -90,19 +100,64 @@ def test_worker_killed_mid_phase_is_restarted_from_checkpoint(local_ray, dataset
     cfg = tiny_pipeline_config(
         dataset, tmp_path, scaling={"num_workers": 2}, schedule={"start_resolution": 8}
     )
-    result = run_pipeline(cfg, "fail", test_hooks={"fail_at_images": 48})
-    assert (result.run_dir / ".failed-once-0").exists()  # the worker process did die
+    marker = tmp_path / "died"
+    hooks = {"fail_at_images": 48, "fail_marker": str(marker)}
+    result = run_pipeline(cfg, "fail", test_hooks=hooks, worker_fn=faults.dies_once)
+    assert marker.read_text() == "48"  # the last rank's process did die after 48 images
+    state = RunState.load(result.run_dir / "state.json")
+    # the restarted workers restored Ray's checkpoint at 32, not the phase start
+    assert state.phase(0).starts == [
+        {"origin": "scratch", "images": 0},
+        {"origin": "ray-checkpoint", "images": 32},
+    ]
     assert load_checkpoint(result.generator)["images_shown"] == 96  # not double-counted
     client, runs = runs_of(result.tracking_uri)
     child = next(r for r in runs if r.info.run_name == "00-0008-stabilize")
+    # every step once, in order: the restart does not log 48 a second time
     assert metric_steps(client, child.info.run_id) == list(range(16, 97, 16))
+    assert child.data.tags["starts"] == "scratch@0, ray-checkpoint@32"
 
 
-def test_driver_killed_mid_phase_resumes_to_the_uninterrupted_weights(local_ray, dataset, tmp_path):
-    cfg = tiny_pipeline_config(dataset, tmp_path, schedule={"transition_kimg": 0})
+def test_nonfinite_loss_on_one_rank_fails_the_phase_without_restarts(local_ray, dataset, tmp_path):
+    cfg = tiny_pipeline_config(
+        dataset,
+        tmp_path,
+        scaling={"num_workers": 2},
+        schedule={"start_resolution": 8},
+        run={"max_failures": 2},
+    )
+    starts = tmp_path / "starts"
+    hooks = {"nan_at_images": 32, "starts_file": str(starts)}
+    with pytest.raises(PhaseFailedError, match=r"d_loss is not finite.*images_shown=32"):
+        run_pipeline(cfg, "nan", test_hooks=hooks, worker_fn=faults.nan_on_last_rank)
+    assert starts.read_text().splitlines() == ["start", "start"]  # 2 ranks, started once
+    _, runs = runs_of(cfg_uri(cfg))
+    status = {r.info.run_name: r.info.status for r in runs}
+    assert status["nan"] == status["00-0008-stabilize"] == "FAILED"
+
+
+def test_a_second_driver_on_the_same_run_is_refused(dataset, tmp_path):
+    cfg = tiny_pipeline_config(dataset, tmp_path)
+    with RunLock(run_dir_of(cfg, "busy")), pytest.raises(RunLockedError, match="pid"):
+        run_pipeline(cfg, "busy")  # refused before Ray or MLflow start
+
+
+def progan_cli(*args: str, cwd) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).parent / "progan"
+    return subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True)
+
+
+def test_run_killed_mid_phase_then_progan_resume_equals_the_uninterrupted_run(
+    local_ray, dataset, tmp_path
+):
+    # 384 images a phase, a checkpoint every 32: the kill lands mid-phase
+    cfg = tiny_pipeline_config(
+        dataset, tmp_path, schedule={"transition_kimg": 0, "stabilize_kimg": 0.384}
+    )
     config = dump_config(cfg, tmp_path / "cfg.yaml")
+    exe = Path(sys.executable).parent / "progan"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "run", str(config), "--run-id", "killed"],
+        [str(exe), "run", str(config), "--run-id", "killed"],
         cwd=REPO_ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -113,19 +168,30 @@ def test_driver_killed_mid_phase_resumes_to_the_uninterrupted_weights(local_ray,
     while not list(ray_dir.glob("killed-01-*/images-*")) and time.time() < deadline:
         assert proc.poll() is None, "the run ended before it could be killed"
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver, its local Ray, its workers
     proc.wait()
-    state = (tmp_path / "runs" / "killed" / "state.json").read_text()
-    assert '"finished": false' in state
+    run_dir = tmp_path / "runs" / "killed"
+    assert not RunState.load(run_dir / "state.json").finished
 
-    resumed = run_pipeline(cfg, "killed")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    resumed = progan_cli("resume", str(run_dir), cwd=elsewhere)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "phase 00-0004-stabilize: done earlier, skipped" in resumed.stdout
+    state = RunState.load(run_dir / "state.json")
+    assert state.finished
+    # the unfinished phase continued from its Ray checkpoint mid-phase, not its start (384)
+    [start] = state.phase(1).starts
+    assert start["origin"] == "ray-checkpoint" and 384 < start["images"] < 768, start
+
     uninterrupted = run_pipeline(cfg, "clean")
-    a, b = load_checkpoint(resumed.generator), load_checkpoint(uninterrupted.generator)
-    assert a["images_shown"] == b["images_shown"] == 192
+    a = load_checkpoint(run_dir / "generator.pt")
+    b = load_checkpoint(uninterrupted.generator)
+    assert a["images_shown"] == b["images_shown"] == 768
     for name, tensor in b["G_ema"].items():
         assert torch.equal(a["G_ema"][name], tensor), name
 
-    client, runs = runs_of(resumed.tracking_uri)
+    client, runs = runs_of(uninterrupted.tracking_uri)
     child = next(
         r
         for r in runs
@@ -133,25 +199,9 @@ def test_driver_killed_mid_phase_resumes_to_the_uninterrupted_weights(local_ray,
         and r.data.tags["ray_run_name"].startswith("killed")
     )
     assert child.info.status == "FINISHED"
-    assert metric_steps(client, child.info.run_id) == list(range(112, 193, 16))  # no gap
+    assert metric_steps(client, child.info.run_id) == list(range(400, 769, 16))  # once each
 
-
-def test_two_node_cluster_runs_a_phase_across_both_nodes(dataset, tmp_path):
-    import ray
-    from ray.cluster_utils import Cluster
-
-    ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    cluster.add_node(num_cpus=1)
-    try:
-        ray.init(address=cluster.address)
-        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
-        cfg = tiny_pipeline_config(
-            dataset, tmp_path, scaling={"num_workers": 2}, schedule={"start_resolution": 8}
-        )
-        # two workers needing 1 CPU each on two 1-CPU nodes: one worker per node
-        result = run_pipeline(cfg, "cluster")
-        assert load_checkpoint(result.generator)["images_shown"] == 96
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
+    # a finished run: `progan resume` from the runs root (relative) and from the project
+    for cwd, path in ((tmp_path / "runs", "killed"), (REPO_ROOT, str(run_dir))):
+        again = progan_cli("resume", path, cwd=cwd)
+        assert again.returncode == 0 and "all phases done" in again.stdout, again.stdout

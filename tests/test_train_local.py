@@ -102,7 +102,7 @@ def test_outputs_of_a_full_run(reference):
     plan = phase_plan(cfg.schedule, cfg.model.resolution)
 
     # generator.pt: exactly `progan run`'s export of the final checkpoint, and usable
-    from pipeline.run import export_generator  # the Ray pipeline's own (imports MLflow)
+    from pipeline.storage import export_generator  # the Ray pipeline's own
 
     exported = load_checkpoint(out / GENERATOR_FILE)
     assert set(exported) == {"format", "version", *GENERATOR_KEYS}

@@ -30,29 +30,65 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Validate, then dry-run or run the pipeline; config errors are one line, exit 2."""
-    from rich.console import Console
+    from pipeline.config import load_config
 
-    from pipeline.config import ConfigError, dump_config, load_config
-    from pipeline.run import ensure_dataset, new_run_id, plan_table, run_pipeline
-    from progan.schedule import phase_plan
-
-    console = Console(soft_wrap=True)
+    console = console_for_run()
     try:
         overrides = list(args.overrides) + ([f"ray_address={args.address}"] if args.address else [])
         cfg = load_config(args.config, overrides)
-        run_id = args.run_id or new_run_id()
-        if args.dry_run:
+    except ValueError as err:  # ConfigError
+        console.print(f"[red]config error:[/] {err}", highlight=False)
+        return 2
+    return run_config(cfg, args.run_id, args.dry_run, console)
+
+
+def console_for_run():
+    from rich.console import Console
+
+    return Console(soft_wrap=True)
+
+
+def run_config(cfg, run_id: str | None, dry_run: bool, console) -> int:
+    """Dry-run or run a validated config; Ctrl-C (or SIGTERM) leaves a resumable run."""
+    import signal
+
+    from pipeline.config import ConfigError, dump_config
+    from pipeline.run import (
+        PhaseFailedError,
+        ensure_dataset,
+        new_run_id,
+        plan_table,
+        run_dir_of,
+        run_pipeline,
+    )
+    from progan.schedule import phase_plan
+
+    run_id = run_id or new_run_id()
+    run_dir = run_dir_of(cfg, run_id)
+    try:
+        if dry_run:
             plan = phase_plan(cfg.schedule, cfg.model.resolution)
             console.print(plan_table(cfg, plan))
-            path = dump_config(cfg, Path(cfg.run.root) / run_id / "config.resolved.yaml")
+            path = dump_config(cfg, run_dir / "config.resolved.yaml")
             console.print(f"resolved config written to {path}; nothing was run")
             if Path(cfg.data.dataset).is_dir():
                 ensure_dataset(cfg, plan, console)
             return 0
+        signal.signal(signal.SIGTERM, interrupt)  # `ray job stop`, kill: like Ctrl-C
         result = run_pipeline(cfg, run_id, console)
-    except ConfigError as err:
-        console.print(f"[red]config error:[/] {err}", highlight=False)
+    except ConfigError as err:  # a bad config, a failed preflight, a run already in use
+        kind = {"RunLockedError": "error", "PreflightError": "error"}
+        label = kind.get(type(err).__name__, "config error")
+        console.print(f"[red]{label}:[/] {err}", highlight=False)
         return 2
+    except PhaseFailedError as err:
+        console.print(f"[red]failed:[/] {err}", highlight=False)
+        return 1
+    except KeyboardInterrupt:
+        console.print(f"\n[yellow]interrupted[/]: continue with `progan resume {run_dir}`")
+        return 130
+    if all(r["status"] != "trained" for r in result.phases):
+        console.print("all phases done earlier: nothing to train")
     console.print(f"\n[bold green]done[/]: run {result.run_id}")
     console.print(f"  run directory : {result.run_dir}")
     console.print(f"  generator     : {result.generator}")
@@ -61,18 +97,32 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def interrupt(signum: int, frame: object) -> None:
+    """SIGTERM handler: stop the way Ctrl-C does (runs marked KILLED, resumable)."""
+    raise KeyboardInterrupt
+
+
 def resume(args: argparse.Namespace) -> int:
-    """Rerun a run directory's own config under its own run id."""
-    run_dir = Path(args.run_dir)
-    config = run_dir / "config.yaml"
-    if not config.is_file():
-        print(f"error: {run_dir} is not a run directory (no config.yaml)")
+    """Continue a run directory's own config under its own run id, from any directory.
+
+    The saved config's relative paths were relative to where the run was started; they are
+    made absolute against that place (see `pipeline.run.origin_of`).
+    """
+    from pipeline.config import absolute_paths, load_config_dict, validate_config
+    from pipeline.run import CONFIG_FILE, origin_of
+
+    console = console_for_run()
+    run_dir = Path(args.run_dir).absolute()
+    if not (run_dir / CONFIG_FILE).is_file():
+        console.print(f"[red]error:[/] {args.run_dir} is not a run directory (no {CONFIG_FILE})")
         return 2
-    ns = argparse.Namespace(
-        config=str(config),
-        overrides=[f"run.root={run_dir.resolve().parent}"],
-        run_id=run_dir.name,
-        dry_run=False,
-        address=args.address,
-    )
-    return run(ns)
+    try:
+        raw = absolute_paths(load_config_dict(run_dir / CONFIG_FILE), origin_of(run_dir))
+        raw["run"]["root"] = str(run_dir.parent)
+        if args.address:
+            raw["ray_address"] = args.address
+        cfg = validate_config(raw)
+    except ValueError as err:
+        console.print(f"[red]config error:[/] {err}", highlight=False)
+        return 2
+    return run_config(cfg, run_dir.name, False, console)

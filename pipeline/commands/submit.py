@@ -3,12 +3,14 @@
 `submit` validates the config here (a bad config never reaches the cluster), makes its
 paths absolute (the cluster must see the same paths: a shared filesystem, or the same
 machine), and submits `progan run` with the project's packages in the job's runtime env.
+Submitting the same `--run-id` again (after a failed or stopped job) resumes that run.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import tempfile
 from pathlib import Path
 
@@ -39,24 +41,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         q.set_defaults(func=func)
 
 
-def absolute_paths(raw: dict) -> dict:
-    """Make the config's filesystem paths absolute (jobs run in their own directory)."""
-    from pipeline.config import BUILTIN_SAMPLE_FACES
-
-    def fix(section: str, key: str) -> None:
-        value = raw.get(section, {}).get(key)
-        if value and value != BUILTIN_SAMPLE_FACES and "://" not in value:
-            raw[section][key] = str(Path(value).resolve())
-
-    for section, key in (
-        ("data", "dataset"),
-        ("data", "source"),
-        ("run", "root"),
-        ("run", "storage_path"),
-        ("eval", "fid_weights"),
-    ):
-        fix(section, key)
-    return raw
+def submission_id(address: str, run_id: str) -> str:
+    """`progan-<run id>`, or `progan-<run id>-<n>` when that run was submitted before."""
+    taken = {job.submission_id for job in client(address).list_jobs()}
+    name, n = f"progan-{run_id}", 1
+    while name in taken:
+        n += 1
+        name = f"progan-{run_id}-{n}"
+    return name
 
 
 def client(address: str):
@@ -69,26 +61,27 @@ def submit(args: argparse.Namespace) -> int:
     """Validate locally, then submit; prints the job id."""
     import yaml
 
-    import pipeline
-    import preprocessing
-    import progan
-    from pipeline.config import ConfigError, load_config_dict, validate_config
-    from pipeline.run import RAY_ENV, new_run_id
+    from pipeline.config import ConfigError, load_config
+    from pipeline.run import RAY_ENV, new_run_id, project_modules
 
     try:
-        cfg = validate_config(load_config_dict(args.config, args.overrides))
+        cfg = load_config(args.config, args.overrides)  # paths absolute: jobs run elsewhere
     except ConfigError as err:
         print(f"config error: {err}")
         return 2
     run_id = args.run_id or new_run_id()
     job_dir = Path(tempfile.mkdtemp(prefix="progan-job-"))
-    raw = absolute_paths(cfg.model_dump(mode="json"))
+    raw = cfg.model_dump(mode="json")
     (job_dir / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    modules = [str(Path(m.__file__).parent) for m in (progan, preprocessing, pipeline)]
+    modules = project_modules()
+    # MLflow's settings here (tracking URI, auth variables) are the job's too
+    env = {**RAY_ENV, **{k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}}
     job_id = client(args.address).submit_job(
         entrypoint=f"{args.python} -m pipeline.cli run config.yaml --run-id {run_id}",
-        submission_id=f"progan-{run_id}",
-        runtime_env={"working_dir": str(job_dir), "py_modules": modules, "env_vars": RAY_ENV},
+        # a job id is used once: a resubmission of the same run id (which resumes it) gets
+        # its own, the first one keeps the plain name
+        submission_id=submission_id(args.address, run_id),
+        runtime_env={"working_dir": str(job_dir), "py_modules": modules, "env_vars": env},
         metadata={"run_id": run_id},
     )
     print(job_id)

@@ -1,0 +1,61 @@
+"""Faults injected into Ray Train workers by tests, never by the production worker.
+
+Each function wraps `pipeline.worker.phase_worker` and is passed to `run_pipeline(...,
+worker_fn=...)`. The module is pickled by value, so a worker on another node (one that
+cannot import `tests`) runs it too. Marker files live where the test says: shared storage
+when the worker runs on another node.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import ray.cloudpickle
+
+from pipeline.worker import phase_worker
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def dies_once(config: dict[str, Any]) -> None:
+    """The last rank's process exits (as a crash would) once it has shown
+    `config["fail_at_images"]` images; `config["fail_marker"]` records that it happened."""
+    import progan.trainer
+
+    fail_at, marker = config["fail_at_images"], Path(config["fail_marker"])
+    step = progan.trainer.GANTrainer.train_step
+
+    def train_step(self, reals):
+        out = step(self, reals)
+        last = self.rank == self.world_size - 1
+        if last and self.images_shown >= fail_at and not marker.exists():
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(str(self.images_shown))
+            os._exit(1)
+        return out
+
+    progan.trainer.GANTrainer.train_step = train_step
+    phase_worker(config)
+
+
+def nan_on_last_rank(config: dict[str, Any]) -> None:
+    """The last rank's real images (so its D loss) turn NaN from `config["nan_at_images"]`
+    images on; each worker start appends a line to `config["starts_file"]`."""
+    import progan.trainer
+
+    with Path(config["starts_file"]).open("a") as f:
+        f.write("start\n")
+    nan_at = config["nan_at_images"]
+    prepare = progan.trainer.GANTrainer._prepare_real
+
+    def _prepare_real(self, real, alpha, fading):
+        out = prepare(self, real, alpha, fading)
+        if self.rank == self.world_size - 1 and self.images_shown >= nan_at:
+            out = out * float("nan")
+        return out
+
+    progan.trainer.GANTrainer._prepare_real = _prepare_real
+    phase_worker(config)
