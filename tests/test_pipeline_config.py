@@ -88,14 +88,39 @@ def test_overrides_may_follow_options(tmp_path, capsys):
 def test_rerun_under_a_changed_config_is_refused(tmp_path):
     """A run id continues only under its own config; resumable keys (eval, tracking) may
     change. No dataset or Ray is needed to open a run directory."""
-    from pipeline.run import open_run_dir
+    from pipeline.run import open_run_dir, run_dir_of
     from tests.pipeline_helpers import tiny_pipeline_config
 
     cfg = tiny_pipeline_config(tmp_path / "data", tmp_path)
-    run_dir, _ = open_run_dir(cfg, "r1")
+    run_dir = run_dir_of(cfg, "r1")
+    assert open_run_dir(cfg, run_dir).run_id == "r1"
     assert (run_dir / "state.json").is_file()
     eval_changed = tiny_pipeline_config(tmp_path / "data", tmp_path, eval={"num_images": 64})
-    assert open_run_dir(eval_changed, "r1")[0] == run_dir
+    assert open_run_dir(eval_changed, run_dir).run_id == "r1"
     gp_changed = tiny_pipeline_config(tmp_path / "data", tmp_path, train={"gp_lambda": 5.0})
     with pytest.raises(ConfigError, match=r"different config \(train\.gp_lambda\)"):
-        open_run_dir(gp_changed, "r1")
+        open_run_dir(gp_changed, run_dir)
+
+
+def test_a_run_saved_with_relative_paths_reopens_from_any_directory(tmp_path, monkeypatch):
+    """Runs saved before paths were made absolute kept them relative to where `progan run`
+    was typed; reopening one from elsewhere resolves them there, not in the new cwd."""
+    import yaml
+
+    from pipeline.config import absolute_paths, validate_config
+    from pipeline.run import CONFIG_FILE, open_run_dir, origin_of, run_dir_of
+    from tests.pipeline_helpers import tiny_pipeline_config
+
+    project = tmp_path / "project"
+    cfg = tiny_pipeline_config(project / "data", project, run={"root": "runs"})
+    raw = cfg.model_dump(mode="json")
+    raw["data"]["dataset"] = "data"  # as the old code saved it: relative to `project`
+    run_dir = project / "runs" / "old"
+    run_dir.mkdir(parents=True)
+    (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(raw))
+    (run_dir / "state.json").write_text('{"run_id": "old"}')
+    monkeypatch.chdir(tmp_path)  # somewhere else
+    assert origin_of(run_dir) == project
+    reopened = validate_config(absolute_paths(raw, project))
+    assert run_dir_of(reopened, "old") == run_dir
+    assert open_run_dir(reopened, run_dir).run_id == "old"

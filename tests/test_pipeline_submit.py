@@ -74,6 +74,12 @@ def test_submit_runs_the_pipeline_as_a_ray_job(ray_head, tmp_path, capsys):
         pass
     assert "done" in capsys.readouterr().out
 
+    # the same run id again (as after a failed job): a new job id, and it continues the run
+    assert main(["submit", str(config), "--address", ray_head, "--run-id", "job1", "--wait"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].strip() == "progan-job1-2"
+    assert "all phases done" in out and "SUCCEEDED" in out
+
 
 def test_submit_refuses_a_bad_config_before_contacting_the_cluster(tmp_path, capsys):
     cfg = tiny_pipeline_config(tmp_path / "d", tmp_path)
