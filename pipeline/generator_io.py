@@ -1,7 +1,7 @@
 """Loading a trained generator for the `generate`, `interpolate`, `edit` and `export` tools.
 
-`load_generator` accepts a run's `generator.pt`, a full training checkpoint
-(`runs/<id>/checkpoints/<phase>.pt`) or a run directory, always through
+`load_generator` accepts a run's `generator.pt`, a full training checkpoint (a Ray
+checkpoint directory in storage or its `state.pt`) or a run directory, always through
 `progan.checkpoint.load_checkpoint` (tensors and plain values only, nothing that can run
 code). It returns the EMA generator in eval mode at the level and alpha where training
 stopped, plus what the tools share: latents by (seed, index), rendering with truncation,
@@ -126,18 +126,51 @@ def sample_latents(seed: int, indices: int | Iterable[int], latent_size: int) ->
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A file as given; a run directory -> its generator.pt, else its latest checkpoint."""
+    """A file as given; a Ray checkpoint directory -> its state.pt; a run directory -> its
+    generator.pt, else the final checkpoint (in storage) of its latest finished phase, else
+    a train-local run's checkpoint.pt (or the older layout's checkpoints/*.pt)."""
     p = Path(path)
     if p.is_dir():
-        if (p / "generator.pt").is_file():
-            return p / "generator.pt"
+        for name in ("generator.pt", "state.pt", "checkpoint.pt"):
+            if (p / name).is_file():
+                return p / name
+        latest = latest_phase_checkpoint(p)
+        if latest is not None:
+            return latest
         phases = sorted((p / "checkpoints").glob("*.pt"))  # names start with the phase index
         if phases:
             return phases[-1]
-        raise GeneratorLoadError(f"{p} is a directory without generator.pt or checkpoints/*.pt")
+        raise GeneratorLoadError(
+            f"{p} is a directory without generator.pt, a finished phase or checkpoints/*.pt"
+        )
     if not p.is_file():
         raise GeneratorLoadError(f"checkpoint not found: {p}")
     return p
+
+
+def latest_phase_checkpoint(run_dir: Path) -> Path | None:
+    """state.pt of the run's latest finished phase, from storage on this machine (a path
+    or file:// URI; remote storage is downloaded first)."""
+    import json
+
+    state_file = run_dir / "state.json"
+    if not state_file.is_file():
+        return None
+    phases = json.loads(state_file.read_text()).get("phases", {})
+    ordered = [phases[k] for k in sorted(phases, key=int)]
+    done = [v["checkpoint"] for v in ordered if v.get("done") and v.get("checkpoint")]
+    if not done:
+        return None
+    from pipeline.storage import STATE_FILE, local_path
+
+    local = local_path(done[-1])
+    if local is None:  # s3://, gs://: fetch it next to the run
+        import ray.train
+
+        target = run_dir / "downloaded" / Path(done[-1]).name
+        ray.train.Checkpoint(done[-1]).to_directory(str(target))
+        local = target
+    return local / STATE_FILE if local.is_dir() else local
 
 
 def _read_state(path: Path) -> dict[str, Any]:

@@ -324,7 +324,8 @@ def _run_locked(
             if on_phase_end is not None:
                 on_phase_end(phase, {k: v for k, v in row.items() if k not in ("phase", "status")})
     except BaseException as err:
-        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+        # stopped (Ctrl-C, SIGTERM, a Tune scheduler's sys.exit) vs broken
+        status = "KILLED" if isinstance(err, KeyboardInterrupt | SystemExit) else "FAILED"
         for run in (ps.child_run_id if ps and not ps.done else None, state.parent_run_id):
             if run:
                 tracker.finish(run, status)

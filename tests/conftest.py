@@ -8,6 +8,11 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# Every Ray the tests start (local ones, `ray start` clusters, the CLI in subprocesses) runs
+# without token auth: Ray turns it on for a local start once ~/.ray/auth_token exists and
+# keeps it on in the process afterwards, and a driver with token auth cannot start actors
+# on a later cluster that has none (tests/cluster_harness.py starts its nodes without it).
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 SHARED_DATA = Path(os.environ.get("PROGAN_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 

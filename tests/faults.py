@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,13 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 def dies_once(config: dict[str, Any]) -> None:
     """The last rank's process exits (as a crash would) once it has shown
-    `config["fail_at_images"]` images; `config["fail_marker"]` records that it happened."""
+    `config["fail_at_images"]` images; `config["fail_marker"]` records that it happened.
+
+    It waits a second first: Ray Train's controller takes a reported checkpoint into account
+    when it next polls the workers (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), so a crash
+    right after a report may restart from the checkpoint before it. The wait makes the test
+    see the checkpoint the report made, whatever the machine's load.
+    """
     import progan.trainer
 
     fail_at, marker = config["fail_at_images"], Path(config["fail_marker"])
@@ -34,6 +41,7 @@ def dies_once(config: dict[str, Any]) -> None:
         if last and self.images_shown >= fail_at and not marker.exists():
             marker.parent.mkdir(parents=True, exist_ok=True)
             marker.write_text(str(self.images_shown))
+            time.sleep(1.0)
             os._exit(1)
         return out
 
@@ -58,4 +66,15 @@ def nan_on_last_rank(config: dict[str, Any]) -> None:
         return out
 
     progan.trainer.GANTrainer._prepare_real = _prepare_real
+    phase_worker(config)
+
+
+def cannot_log(config: dict[str, Any]) -> None:
+    """MLflow refuses every metric batch rank 0 sends (a server that is down)."""
+    from mlflow.tracking import MlflowClient
+
+    def log_batch(self, *args, **kwargs):
+        raise ConnectionError("tracking server unreachable (injected)")
+
+    MlflowClient.log_batch = log_batch
     phase_worker(config)

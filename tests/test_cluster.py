@@ -108,10 +108,10 @@ def test_three_phases_on_the_worker_node_with_a_worker_killed_equal_one_node(clu
 
     from pipeline.run import init_ray, run_pipeline
 
-    head = next(n for n in ray.nodes() if n["Alive"] and n["NodeID"] != cluster.info.worker_node_id)
-    assert "progan_worker" not in head["Resources"]  # training can only run in the namespace
     cfg = cluster_config(cluster, run={"root": str(cluster.driver / "runs")})
     init_ray(cluster.info.address)  # joins the cluster, shipping the project's code
+    [head] = [n for n in ray.nodes() if n["NodeID"] == cluster.info.head_node_id]
+    assert "progan_worker" not in head["Resources"]  # training can only run in the namespace
     marker = cluster.shared / "died"
     hooks = {"fail_at_images": 144, "fail_marker": str(marker)}
     result = run_pipeline(cfg, "two-node", test_hooks=hooks, worker_fn=faults.dies_once)

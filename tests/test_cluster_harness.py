@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,7 @@ def _look_around(driver_file: str, shared_file: str, head_temp_dir: str) -> dict
     return {
         "node_id": ray.get_runtime_context().get_node_id(),
         "driver_file_exists": os.path.exists(driver_file),
+        "driver_dir_content": os.listdir(os.path.dirname(driver_file)),  # an empty tmpfs
         "shared_text": Path(shared_file).read_text(),
         "head_temp_dir_content": os.listdir(head_temp_dir),
         "payload": b"x" * (2 << 20),  # > the inline limit: the driver pulls it from this node
@@ -76,12 +79,14 @@ def test_namespaced_worker_node_and_mlflow_server(tmp_path):
                 )
             )
             assert seen["node_id"] == info.worker_node_id != info.head_node_id
-            assert seen["driver_file_exists"] is False
+            assert seen["driver_file_exists"] is False and seen["driver_dir_content"] == []
             assert seen["shared_text"] == "shared data"
             assert seen["head_temp_dir_content"] == []
             assert len(seen["payload"]) == 2 << 20
             # The driver, in the host namespace, sees all of it.
             assert (driver / "secret.txt").exists() and any(info.head_temp_dir.iterdir())
+            with urllib.request.urlopen(f"{info.dashboard_url}/api/jobs/", timeout=10) as r:
+                assert isinstance(json.load(r), list)  # the Jobs API answers
 
             t1 = time.monotonic()
             with mlflow_server(tmp_path / "mlflow") as uri:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from rich.console import Console
 
 from pipeline.config import dump_config
 from pipeline.run import PhaseFailedError, run_dir_of, run_pipeline
@@ -134,6 +135,45 @@ def test_nonfinite_loss_on_one_rank_fails_the_phase_without_restarts(local_ray, 
     _, runs = runs_of(cfg_uri(cfg))
     status = {r.info.run_name: r.info.status for r in runs}
     assert status["nan"] == status["00-0008-stabilize"] == "FAILED"
+
+
+def test_a_worker_that_cannot_log_tells_the_driver_which_logs_for_it(local_ray, dataset, tmp_path):
+    cfg = tiny_pipeline_config(dataset, tmp_path, schedule={"start_resolution": 8})
+    console = Console(record=True, width=200)
+    result = run_pipeline(cfg, "nolog", console=console, worker_fn=faults.cannot_log)
+    said = console.export_text()
+    assert "rank 0 cannot log to MLflow (ConnectionError: tracking server unreachable" in said
+    assert "the metrics were logged from the driver instead" in said
+    client, runs = runs_of(result.tracking_uri)
+    [child] = [r for r in runs if r.info.run_name == "00-0008-stabilize"]
+    assert metric_steps(client, child.info.run_id) == list(range(16, 97, 16))  # none lost
+    assert "replayed by the driver" in child.data.tags["tracking.incomplete"]
+
+
+def test_ctrl_c_leaves_a_killed_resumable_run(local_ray, dataset, tmp_path):
+    cfg = tiny_pipeline_config(dataset, tmp_path, schedule={"stabilize_kimg": 0.384})
+    config = dump_config(cfg, tmp_path / "cfg.yaml")
+    exe = Path(sys.executable).parent / "progan"
+    proc = subprocess.Popen(
+        [str(exe), "run", str(config), "--run-id", "ctrl-c"],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    ray_dir = tmp_path / "runs" / "ctrl-c" / "ray"
+    deadline = time.time() + 240
+    while not list(ray_dir.glob("ctrl-c-00-*/images-*")) and time.time() < deadline:
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-3000:]
+    assert f"progan resume {tmp_path / 'runs' / 'ctrl-c'}" in out
+    _, runs = runs_of(cfg_uri(cfg))
+    status = {r.info.run_name: r.info.status for r in runs}
+    assert status["ctrl-c"] == status["00-0004-stabilize"] == "KILLED"
+    assert not RunState.load(tmp_path / "runs" / "ctrl-c" / "state.json").finished
 
 
 def test_a_second_driver_on_the_same_run_is_refused(dataset, tmp_path):

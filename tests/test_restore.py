@@ -127,3 +127,20 @@ def test_the_run_lock_is_exclusive_and_released(tmp_path):
     with RunLock(tmp_path / "run"), pytest.raises(RunLockedError, match="being run by pid"):
         RunLock(tmp_path / "run").acquire()
     RunLock(tmp_path / "run").acquire().release()  # free again
+
+
+def test_a_run_without_generator_pt_is_read_from_its_latest_phase_in_storage(saved, tmp_path):
+    import json
+
+    from pipeline.generator_io import load_generator, resolve_checkpoint
+
+    _, path = saved
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    phases = {
+        "1": {"done": False, "checkpoint": None},
+        "0": {"done": True, "checkpoint": f"file://{path.parent}"},
+    }
+    (run_dir / "state.json").write_text(json.dumps({"run_id": "run", "phases": phases}))
+    assert resolve_checkpoint(run_dir) == path
+    assert load_generator(run_dir) is not None
