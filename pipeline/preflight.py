@@ -89,7 +89,7 @@ def check_storage(probe: str, driver_token: str) -> str | None:
         seen = read_text(f"{probe}/driver")
     except Exception as err:
         return (
-            f"run.storage_path: {probe.rsplit('/', 2)[0]} is not the driver's storage here "
+            f"run.storage_path: {probe.rsplit('/', 1)[0]} is not the driver's storage here "
             f"({type(err).__name__}): set run.storage_path to a path every node mounts, or "
             "to a URI (s3://, gs://)"
         )
@@ -99,7 +99,7 @@ def check_storage(probe: str, driver_token: str) -> str | None:
         write_text(f"{probe}/{ray.get_runtime_context().get_node_id()}", "ok")
     except Exception as err:
         return (
-            f"run.storage_path: {probe.rsplit('/', 2)[0]} is not writable here "
+            f"run.storage_path: {probe.rsplit('/', 1)[0]} is not writable here "
             f"({type(err).__name__}: {str(err).splitlines()[0][:160]})"
         )
     return None
@@ -184,7 +184,7 @@ def run_preflight(
     if not nodes:
         return []
     token = secrets.token_hex(8)
-    probe = f"{storage.rstrip('/')}/{PREFLIGHT_DIR}/{token}"
+    probe = f"{storage.rstrip('/')}/{PREFLIGHT_DIR}-{token}"
     try:
         write_text(f"{probe}/driver", token)
     except Exception as err:

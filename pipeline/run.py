@@ -11,6 +11,7 @@ parent run for the pipeline run and a child run per phase.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import time
@@ -174,13 +175,29 @@ def fit_phase(
     worker_fn: Callable[[dict[str, Any]], None] | None = None,
 ):
     """One Ray Train TorchTrainer job for a phase; returns Ray's Result."""
+    import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipeline.worker import phase_worker
 
+    class Trainer(TorchTrainer):
+        def _register_sigint_handler(self, controller) -> None:
+            """Ctrl-C during a fit: Ray Train V2's own handler aborts the controller and
+            then exits the process in varying ways (exit 0, exit 1, an actor error). This
+            one aborts it too and raises KeyboardInterrupt, so the driver marks its runs
+            KILLED and the CLI exits 130 with a resume hint."""
+            import signal
+
+            def on_sigint(signum: int, frame: object) -> None:
+                with contextlib.suppress(Exception):
+                    ray.get(controller.abort.remote(), timeout=30)
+                raise KeyboardInterrupt
+
+            signal.signal(signal.SIGINT, on_sigint)
+
     s = cfg.scaling
-    trainer = TorchTrainer(
+    trainer = Trainer(
         worker_fn or phase_worker,
         train_loop_config=worker_config,
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),

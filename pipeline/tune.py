@@ -582,6 +582,7 @@ def trial_driver(params: dict[str, Any], context: dict[str, Any]) -> None:
             on_phase_end=on_phase_end,
             parent_run_id=context["sweep_run_id"],
             run_tags=tags,
+            preflight=False,  # done once for the sweep
         )
     record.attempts[-1]["end"] = time.time()
     record.save(run_dir)
@@ -864,6 +865,7 @@ def start_sweep(
     from pipeline.run import init_ray
 
     init_ray(address or sweep.base_cfg.ray_address)
+    preflight_trials(sweep, console)
     import ray
 
     max_concurrent = concurrency(sweep, ray.cluster_resources())
@@ -909,6 +911,7 @@ def resume_sweep(
     from pipeline.run import init_ray
 
     init_ray(address or sweep.base_cfg.ray_address)
+    preflight_trials(sweep, console)
     experiment = sweep_dir / "ray"
     if not tune.Tuner.can_restore(str(experiment)):
         raise ConfigError(f"--resume: {experiment} holds no Tune experiment to restore")
@@ -945,6 +948,17 @@ def prepare_data(sweep: Sweep, console: Console) -> None:
     ensure_dataset(base, phase_plan(base.schedule, base.model.resolution), console)
     trial = sweep.trial_cfg
     ensure_dataset(trial, phase_plan(trial.schedule, trial.model.resolution), console)
+
+
+def preflight_trials(sweep: Sweep, console: Console) -> None:
+    """The pipeline's cluster checks once for the sweep (trials skip their own)."""
+    from pipeline.run import check_cluster, worker_env
+
+    cfg, uri = sweep.trial_cfg, sweep.tracking_uri
+    plan = phase_plan(cfg.schedule, cfg.model.resolution)
+    sweep.sweep_dir.mkdir(parents=True, exist_ok=True)
+    check_cluster(cfg, uri, plan, str(sweep.sweep_dir), worker_env(uri))
+    console.print("preflight: nodes ok")
 
 
 def describe_plan(sweep: Sweep, max_concurrent: int) -> str:

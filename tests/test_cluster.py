@@ -103,6 +103,17 @@ def test_a_dataset_only_the_driver_sees_fails_in_the_preflight(cluster):
     assert not list((cluster.shared / "ray").glob("*-00-0004-stabilize")), "a phase started"
 
 
+def test_storage_only_the_driver_sees_fails_in_the_preflight(cluster):
+    private = cluster.driver / "private-ray"
+    cfg = cluster_config(cluster, run={"storage_path": str(private)})
+    config = dump_config(cfg, cluster.driver / "private-storage.yaml")
+    out = progan("run", str(config), "--address", cluster.info.address, cwd=cluster.driver)
+    assert out.returncode == 2, out.stdout + out.stderr[-2000:]
+    [line] = [ln for ln in out.stdout.splitlines() if "preflight" in ln]
+    assert f"run.storage_path: {private} is not the driver's storage here" in line, line
+    assert not list(private.glob(".preflight*")), "the probe was not cleaned up"
+
+
 def test_three_phases_on_the_worker_node_with_a_worker_killed_equal_one_node(cluster, tmp_path):
     import ray
 
