@@ -21,6 +21,16 @@ from pipeline.worker import phase_worker
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
+def record_env(config: dict[str, Any]) -> None:
+    """If the test asks (`config["env_file"]`), write this worker's MLFLOW_* variables there
+    as JSON: what reached it through Ray's runtime env."""
+    if "env_file" in config:
+        import json
+
+        env = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+        Path(config["env_file"]).write_text(json.dumps(env))
+
+
 def dies_once(config: dict[str, Any]) -> None:
     """The last rank's process exits (as a crash would) once it has shown
     `config["fail_at_images"]` images; `config["fail_marker"]` records that it happened.
@@ -46,6 +56,7 @@ def dies_once(config: dict[str, Any]) -> None:
         return out
 
     progan.trainer.GANTrainer.train_step = train_step
+    record_env(config)
     phase_worker(config)
 
 

@@ -10,6 +10,7 @@ worker cannot read: phases must hand off through storage, metrics through the se
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -114,7 +115,9 @@ def test_storage_only_the_driver_sees_fails_in_the_preflight(cluster):
     assert not list(private.glob(".preflight*")), "the probe was not cleaned up"
 
 
-def test_three_phases_on_the_worker_node_with_a_worker_killed_equal_one_node(cluster, tmp_path):
+def test_three_phases_on_the_worker_node_with_a_worker_killed_equal_one_node(
+    cluster, tmp_path, monkeypatch
+):
     import ray
 
     from pipeline.run import init_ray, run_pipeline
@@ -123,10 +126,16 @@ def test_three_phases_on_the_worker_node_with_a_worker_killed_equal_one_node(clu
     init_ray(cluster.info.address)  # joins the cluster, shipping the project's code
     [head] = [n for n in ray.nodes() if n["NodeID"] == cluster.info.head_node_id]
     assert "progan_worker" not in head["Resources"]  # training can only run in the namespace
-    marker = cluster.shared / "died"
-    hooks = {"fail_at_images": 144, "fail_marker": str(marker)}
+    marker, env_file = cluster.shared / "died", cluster.shared / "worker-env.json"
+    hooks = {"fail_at_images": 144, "fail_marker": str(marker), "env_file": str(env_file)}
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "17")  # an MLflow setting of the driver
     result = run_pipeline(cfg, "two-node", test_hooks=hooks, worker_fn=faults.dies_once)
     ray.shutdown()
+
+    # MLflow's settings reached the workers on the other node through the runtime env
+    env = json.loads(env_file.read_text())
+    assert env["MLFLOW_TRACKING_URI"] == cluster.mlflow
+    assert env["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "17"
 
     # a worker on the other node died mid-phase 1 and Ray restarted it from storage
     assert marker.read_text() == "144"
