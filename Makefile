@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format clean demo
+.PHONY: install test test-fast lint format clean demo
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,10 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The edit-test loop: everything but the end-to-end runs marked slow (Ray, MLflow, MTCNN).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 # The whole path on embedded defaults: built-in sample faces -> MTCNN -> LMDBs -> 4x4..32x32
 # on local Ray, tracked in runs/mlflow.db. Extra settings: make demo ARGS="train.loss=wgan"

@@ -39,7 +39,7 @@ import time
 import urllib.error
 import urllib.request
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -229,44 +229,46 @@ def _child_env(
     return env
 
 
-def _wait_for_port(port: int, proc: subprocess.Popen, log: Path, what: str, timeout: float) -> None:
-    """Until something accepts TCP connections on 127.0.0.1:`port`; fails if `proc` exits."""
+def _wait_until(
+    ready: Callable[[], str | None],
+    proc: subprocess.Popen,
+    log: Path,
+    what: str,
+    timeout: float,
+) -> None:
+    """Poll `ready()` (None when ready, else what it saw) until it is; fail with `log`'s
+    tail if `proc` exits or `timeout` passes."""
     deadline = time.monotonic() + timeout
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.settimeout(1.0)
-            if s.connect_ex((LOOPBACK, port)) == 0:
-                return
+    while (last := ready()) is not None:
         if proc.poll() is not None:
             raise RuntimeError(f"{what} exited with {proc.returncode}; its log:\n{_tail(log)}")
         if time.monotonic() > deadline:
-            raise TimeoutError(
-                f"{what} did not listen on {LOOPBACK}:{port} within {timeout:.0f}s; "
-                f"its log:\n{_tail(log)}"
-            )
+            raise TimeoutError(f"{what}: {last} after {timeout:.0f}s; its log:\n{_tail(log)}")
         time.sleep(0.2)
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, log: Path, what: str, timeout: float) -> None:
+    """Until something accepts TCP connections on 127.0.0.1:`port`; fails if `proc` exits."""
+
+    def listening() -> str | None:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.settimeout(1.0)
+            return None if s.connect_ex((LOOPBACK, port)) == 0 else f"no listener on {port}"
+
+    _wait_until(listening, proc, log, what, timeout)
 
 
 def _wait_http(url: str, proc: subprocess.Popen, log: Path, what: str, timeout: float) -> None:
     """Until GET `url` answers 200; fails with `log`'s tail if `proc` exits or time runs out."""
-    deadline = time.monotonic() + timeout
-    last = "no answer yet"
-    while True:
+
+    def answers() -> str | None:
         try:
             with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-                last = f"HTTP {r.status}"
+                return None if r.status == 200 else f"GET {url}: HTTP {r.status}"
         except (urllib.error.URLError, OSError) as e:
-            last = str(e)
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}; its log:\n{_tail(log)}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(
-                f"{what} did not answer GET {url} within {timeout:.0f}s (last: {last}); "
-                f"its log:\n{_tail(log)}"
-            )
-        time.sleep(0.25)
+            return f"GET {url}: {e}"
+
+    _wait_until(answers, proc, log, what, timeout)
 
 
 def _disconnect_driver(address: str) -> None:

@@ -152,20 +152,9 @@ def test_a_worker_that_cannot_log_tells_the_driver_which_logs_for_it(local_ray, 
 
 def test_ctrl_c_leaves_a_killed_resumable_run(local_ray, dataset, tmp_path):
     cfg = tiny_pipeline_config(dataset, tmp_path, schedule={"stabilize_kimg": 0.384})
-    config = dump_config(cfg, tmp_path / "cfg.yaml")
-    exe = Path(sys.executable).parent / "progan"
-    proc = subprocess.Popen(
-        [str(exe), "run", str(config), "--run-id", "ctrl-c"],
-        cwd=REPO_ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    proc = start_run_until_checkpoint(
+        cfg, "ctrl-c", "00", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    ray_dir = tmp_path / "runs" / "ctrl-c" / "ray"
-    deadline = time.time() + 240
-    while not list(ray_dir.glob("ctrl-c-00-*/images-*")) and time.time() < deadline:
-        assert proc.poll() is None, "the run ended before it could be interrupted"
-        time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, out[-3000:]
@@ -182,6 +171,21 @@ def test_a_second_driver_on_the_same_run_is_refused(dataset, tmp_path):
         run_pipeline(cfg, "busy")  # refused before Ray or MLflow start
 
 
+def start_run_until_checkpoint(cfg, run_id: str, phase: str, **popen) -> subprocess.Popen:
+    """`progan run` in a subprocess, returned once phase `phase` has a Ray checkpoint."""
+    config = dump_config(cfg, Path(cfg.run.root).parent / f"{run_id}.yaml")
+    exe = Path(sys.executable).parent / "progan"
+    proc = subprocess.Popen(
+        [str(exe), "run", str(config), "--run-id", run_id], cwd=REPO_ROOT, **popen
+    )
+    ray_dir = Path(cfg.run.root) / run_id / "ray"
+    deadline = time.time() + 240
+    while not list(ray_dir.glob(f"{run_id}-{phase}-*/images-*")) and time.time() < deadline:
+        assert proc.poll() is None, "the run ended before its phase had a checkpoint"
+        time.sleep(0.2)
+    return proc
+
+
 def progan_cli(*args: str, cwd) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).parent / "progan"
     return subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True)
@@ -194,20 +198,14 @@ def test_run_killed_mid_phase_then_progan_resume_equals_the_uninterrupted_run(
     cfg = tiny_pipeline_config(
         dataset, tmp_path, schedule={"transition_kimg": 0, "stabilize_kimg": 0.384}
     )
-    config = dump_config(cfg, tmp_path / "cfg.yaml")
-    exe = Path(sys.executable).parent / "progan"
-    proc = subprocess.Popen(
-        [str(exe), "run", str(config), "--run-id", "killed"],
-        cwd=REPO_ROOT,
+    proc = start_run_until_checkpoint(
+        cfg,
+        "killed",
+        "01",
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    ray_dir = tmp_path / "runs" / "killed" / "ray"
-    deadline = time.time() + 240
-    while not list(ray_dir.glob("killed-01-*/images-*")) and time.time() < deadline:
-        assert proc.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver, its local Ray, its workers
     proc.wait()
     run_dir = tmp_path / "runs" / "killed"
