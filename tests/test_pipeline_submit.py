@@ -52,12 +52,13 @@ def ray_head(tmp_path):
         capture_output=True,
     )
     try:
-        yield f"http://127.0.0.1:{dash}"
+        yield f"http://127.0.0.1:{dash}", f"127.0.0.1:{port}"
     finally:
         subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True)
 
 
 def test_submit_runs_the_pipeline_as_a_ray_job(ray_head, tmp_path, capsys):
+    ray_head, gcs = ray_head
     dataset = make_tiny_dataset(tmp_path, n=16, resolution=8)
     cfg = tiny_pipeline_config(dataset, tmp_path, schedule={"start_resolution": 8})
     config = dump_config(cfg, tmp_path / "job.yaml")
@@ -79,6 +80,21 @@ def test_submit_runs_the_pipeline_as_a_ray_job(ray_head, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.splitlines()[0].strip() == "progan-job1-2"
     assert "all phases done" in out and "SUCCEEDED" in out
+    assert main(["logs", "progan-job1-2", "--follow", "--address", ray_head]) == 0
+    assert "all phases done" in capsys.readouterr().out
+
+    # `progan run --address` from another directory: the driver here, the work on the head
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    progan = Path(sys.executable).parent / "progan"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run(
+        [str(progan), "run", str(config), "--run-id", "direct", "--address", gcs],
+        cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "preflight: nodes ok" in out.stdout
+    assert load_checkpoint(tmp_path / "runs" / "direct" / "generator.pt")["images_shown"] == 96
 
 
 def test_submit_refuses_a_bad_config_before_contacting_the_cluster(tmp_path, capsys):
