@@ -52,7 +52,8 @@ def progan(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedP
 
 
 def test_run_with_the_builtin_sample_faces_prepares_then_trains_like_make_demo(tmp_path):
-    """`make demo`'s path at a tiny size: built-in faces -> MTCNN -> LMDBs -> 3 phases."""
+    """`make demo`'s path at a tiny size: built-in faces -> MTCNN -> LMDBs -> training
+    (one 8x8 phase: the growing phases have their own tests)."""
     demo = REPO_ROOT / "conf" / "demo.yaml"
     assert load_config_dict(demo)["data"]["source"] == "builtin:sample-faces"
     out = progan("run", demo, *TINY, "data.sample_faces=12", "--run-id", "demo", cwd=tmp_path)
