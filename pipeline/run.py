@@ -283,9 +283,8 @@ def _run_locked(
 
     run_id = run_dir.name
     plan = phase_plan(cfg.schedule, cfg.model.resolution)
-    ensure_dataset(cfg, plan, console)
     state = open_run_dir(cfg, run_dir)
-    if state.finished and (run_dir / "generator.pt").is_file():
+    if state.finished and (run_dir / "generator.pt").is_file():  # needs neither data nor Ray
         console.print(f"run {run_id}: all phases done earlier ({run_dir})")
         rows = [
             {"phase": p.name, "status": "skipped (done earlier)", **state.phase(p.index).evaluation}
@@ -293,6 +292,7 @@ def _run_locked(
         ]
         generator, uri = run_dir / "generator.pt", state.tracking_uri or ""
         return RunResult(run_id, run_dir, generator, uri, state.parent_run_id or "", rows)
+    ensure_dataset(cfg, plan, console)
     init_ray(cfg.ray_address)
     uri = resolve_uri(cfg.tracking.uri, cfg.run.root)
     storage = storage_root(cfg, run_dir)
