@@ -133,3 +133,40 @@ def test_ui_serves_the_runs_store_on_loopback_and_stops_on_ctrl_c(tmp_path):
         os.killpg(proc.pid, signal.SIGINT)
         proc.wait(timeout=60)
     assert proc.returncode in (0, -signal.SIGINT, 130)
+
+
+def test_train_local_then_every_generator_tool_from_the_shell(tmp_path):
+    """train-local, then generate, interpolate, edit, export and evaluate on its output,
+    each as a separate `progan` process (their properties are in tests/test_tools.py)."""
+    import json
+
+    import torch
+
+    from pipeline.config import dump_config
+    from tests.pipeline_helpers import make_tiny_dataset, tiny_pipeline_config
+
+    dataset = make_tiny_dataset(tmp_path, n=16, resolution=8)
+    cfg = tiny_pipeline_config(dataset, tmp_path, schedule={"start_resolution": 8})
+    config = dump_config(cfg, tmp_path / "tiny.yaml")
+    trained = progan("train-local", config, "--out", "local", "--device", "cpu", cwd=tmp_path)
+    assert trained.returncode == 0
+    run = tmp_path / "local"
+    assert torch.load(run / "generator.pt", weights_only=True)["images_shown"] == 96
+
+    steps = [
+        (["generate", run, "--n", "4", "--out", "grid.png"], "grid.png"),
+        (["interpolate", run, "--steps", "2", "--keyframes", "2", "--out", "walk.gif"], "walk.gif"),
+        (["edit", run, "--with", "1,2", "--targets", "0", "--strengths=-1,0,1",
+          "--out", "edit.png"], "edit.png"),
+        (["export", run, "--format", "torchscript", "--out", "g.pt"], "g.pt"),
+        (["evaluate", run, "--data", dataset, "--metrics", "swd", "--num-images", "16",
+          "--json", "eval.json"], "eval.json"),
+    ]  # fmt: skip
+    for args, made in steps:
+        out = progan(*args, cwd=tmp_path)
+        assert out.returncode == 0, args[0]
+        assert (tmp_path / made).stat().st_size > 0, args[0]
+    assert Image.open(tmp_path / "walk.gif").n_frames == 4  # 2 keyframes x 2 steps, looping
+    assert "SWDx1e3_avg" in json.loads((tmp_path / "eval.json").read_text())
+    z = torch.randn(2, cfg.model.latent_size)
+    assert torch.jit.load(str(tmp_path / "g.pt"))(z).shape == (2, 3, 8, 8)
