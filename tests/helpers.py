@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from progan.config import GANConfig
@@ -62,3 +65,17 @@ def disc_images(n: int, res: int, seed: int = 0) -> torch.Tensor:
         [0.9 * disc - 0.6 * (1 - disc), -0.7 + 0 * disc, 0.6 * (1 - disc) - 0.8 * disc], 1
     )
     return (img + 0.05 * torch.randn(img.shape, generator=g)).clamp(-1, 1)
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with torch on `n` intra-op threads; restore the previous count after.
+
+    Tiny networks gain nothing from more threads, and on a busy box extra threads spin.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

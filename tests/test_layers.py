@@ -25,6 +25,10 @@ def test_equalized_linear_scale_and_gain():
     assert lin.scale == pytest.approx(1 / math.sqrt(512))
     x = torch.randn(3, 512)
     torch.testing.assert_close(lin(x), x @ (lin.weight / math.sqrt(512)).T + lin.bias)
+    # default gain: He's constant sqrt(2 / fan_in), as a plain linear layer would apply it
+    he = EqualizedLinear(512, 10)
+    torch.nn.init.normal_(he.bias)
+    torch.testing.assert_close(he(x), F.linear(x, he.weight * math.sqrt(2 / 512), he.bias))
     # Effective He init: outputs of unit-variance inputs keep variance ~ gain^2.
     torch.manual_seed(1)
     big = EqualizedLinear(2048, 2048, gain=1.0)
@@ -32,7 +36,9 @@ def test_equalized_linear_scale_and_gain():
 
 
 def test_pixel_norm_gives_unit_mean_square_per_pixel():
-    x = torch.randn(4, 32, 5, 5) * torch.rand(4, 1, 5, 5) * 10
+    g = torch.Generator().manual_seed(0)
+    scale = torch.empty(4, 1, 5, 5).uniform_(math.log(0.1), math.log(10), generator=g).exp()
+    x = torch.randn(4, 32, 5, 5, generator=g) * scale  # per-pixel magnitudes 0.1 .. 10
     y = pixel_norm(x)
     torch.testing.assert_close(y.square().mean(dim=1), torch.ones(4, 5, 5), rtol=1e-4, atol=1e-4)
 
@@ -50,8 +56,20 @@ def test_minibatch_stddev_adds_one_channel_with_group_statistic():
     torch.testing.assert_close(y[2, 5], expected.expand(4, 4))
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 5, 6, 7])
-def test_minibatch_stddev_handles_batches_not_divisible_by_group(n):
-    y = MinibatchStdDev(4)(torch.randn(n, 3, 4, 4))
+@pytest.mark.parametrize(
+    ("n", "group_size"), [(1, 1), (2, 2), (3, 3), (5, 1), (6, 3), (7, 1), (12, 4)]
+)
+def test_minibatch_stddev_handles_batches_not_divisible_by_group(n, group_size):
+    """A batch not divisible by 4 uses the largest group size that divides it; sample i then
+    joins group i % M (M = n / group size), and its appended channel is that group's
+    stddev (biased, + 1e-8 under the root) averaged over channels and pixels."""
+    x = torch.randn(n, 3, 4, 4, generator=torch.Generator().manual_seed(n))
+    y = MinibatchStdDev(4)(x)
     assert y.shape == (n, 4, 4, 4)
-    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y[:, :3], x)
+    m = n // group_size
+    for i in range(n):
+        group = x[i % m :: m]
+        assert len(group) == group_size
+        expected = (group.var(dim=0, unbiased=False) + 1e-8).sqrt().mean()
+        torch.testing.assert_close(y[i, 3], expected.expand(4, 4))

@@ -23,11 +23,21 @@ from preprocessing.lmdb_store import (
     encode_record,
     write_manifest,
 )
+from preprocessing.prepare import _read_items
+from preprocessing.process import ShardProcessor
 from preprocessing.pyramid import build_pyramid
 from preprocessing.rejects import RejectError
 from preprocessing.samples import make_sample_faces
 from preprocessing.sources import SourceError, open_source
-from tests.fixtures_preprocessing import BAD, GOOD, exif_rotated_jpeg, hopper, huge_png
+from tests.fixtures_preprocessing import (
+    BAD,
+    GOOD,
+    exif_rotated_jpeg,
+    hopper,
+    huge_png,
+    lmdb_contents,
+    write_bad_input_folder,
+)
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +77,18 @@ def test_decode_rejects_with_reason(data, reason):
     assert "BAD" not in err.value.detail
 
 
-def test_bad_input_reasons_cover_issue_list():
-    assert set(BAD.values()) >= {"truncated", "empty", "animated", "too_large", "not_image"}
+def test_bad_inputs_get_their_reasons_from_the_code(tmp_path):
+    """Each bad input of the issue's list, run through reading and one shard of processing
+    (decode, MTCNN, face selection; no Ray), is rejected with its reason; good ones are kept."""
+    folder = write_bad_input_folder(tmp_path / "photos")
+    source = open_source(folder)  # listed now ...
+    (folder / "vanished.jpg").unlink()  # ... and gone when read
+    config = make_config(resolution=32, min_face_size=64)
+    result = ShardProcessor(config, device="cpu").run(0, _read_items(source, source.keys))
+    reasons = {r.key: r.reason for r in result.rejects}
+    assert reasons == BAD
+    assert set(reasons.values()) >= {"truncated", "empty", "animated", "too_large", "not_image"}
+    assert sorted(key for key, _ in result.records) == sorted(GOOD)
 
 
 def test_alignment_puts_landmarks_on_template(detector):
@@ -112,20 +132,31 @@ def test_record_round_trip_and_dataset(tmp_path, encoding):
             for k, a in images.items()
         ]
     )
+    counts = writer.counts()  # what the LMDBs hold, as prepare records it in the manifest
     writer.close()
+    assert counts == {4: 5, 8: 5}
+    assert (
+        set(lmdb_contents(tmp_path, 4))
+        == set(lmdb_contents(tmp_path, 8))
+        == {k.encode() for k in images}
+    )
     write_manifest(
         tmp_path,
         {
             "resolutions": [4, 8],
-            "counts": {"4": 5, "8": 5},
+            "counts": {str(r): n for r, n in counts.items()},
             "record_format": {"encoding": encoding},
         },
     )
     ds = pickle.loads(pickle.dumps(LmdbImageDataset(tmp_path, 8)))
-    assert len(ds) == 5
-    for i in range(5):
+    small = LmdbImageDataset(tmp_path, 4)
+    assert [ds.key(i) for i in range(len(ds))] == sorted(images)  # record i: i-th key
+    for i in range(len(ds)):
         assert ds[i].dtype == torch.uint8 and ds[i].shape == (3, 8, 8)
         assert torch.equal(ds[i], torch.from_numpy(images[ds.key(i)]).permute(2, 0, 1))
+        assert small.key(i) == ds.key(i)
+        expected = torch.from_numpy(images[ds.key(i)][::2, ::2].copy()).permute(2, 0, 1)
+        assert torch.equal(small[i], expected)
     loader = torch.utils.data.DataLoader(ds, batch_size=5, num_workers=2)
     assert torch.equal(next(iter(loader)), torch.stack([ds[i] for i in range(5)]))
 

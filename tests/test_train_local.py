@@ -273,8 +273,15 @@ def test_quality_script_gives_the_dcgan_the_progans_training_time(dataset, tmp_p
         for n in ("progan", "dcgan")
     )
     assert progan["complete"] and progan["arch"] == "progan" and dcgan["arch"] == "dcgan"
-    # the budget is checked after every step: the DCGAN stops within a step of the target
-    assert progan["train_seconds"] <= dcgan["train_seconds"] < progan["train_seconds"] + 2.0
+    # The DCGAN's time budget is the ProGAN's measured training time, and that budget (not
+    # the end of its plan) is what stopped it. How close the stop lands to the target is a
+    # timing, for benchmarks (docs/benchmarks.md), not a test.
+    target = progan["train_seconds"]
+    minutes = f"{target / 60:.4f}"
+    assert f"DCGAN: {minutes} minutes of training (the ProGAN trained {target} s)" in proc.stdout
+    assert f"time budget of {float(minutes):g} min reached at {dcgan['images_shown']} images" in (
+        proc.stdout
+    )
     assert not dcgan["complete"] and dcgan["images_shown"] > 0
     table = (tmp_path / "quality" / "comparison.md").read_text()
     assert "| progan |" in table and "| dcgan |" in table and "at equal training time" in table
