@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
@@ -18,9 +19,11 @@ from pipeline.config import dump_config
 from pipeline.run import PhaseFailedError, run_dir_of, run_pipeline
 from pipeline.state import RunLock, RunLockedError, RunState
 from pipeline.tracking import resolve_uri
+from pipeline.train_local import train_local
 from progan.checkpoint import load_checkpoint
 from tests import faults
 from tests.conftest import REPO_ROOT
+from tests.helpers import torch_threads
 from tests.pipeline_helpers import make_tiny_dataset, tiny_pipeline_config
 
 pytestmark = pytest.mark.slow
@@ -150,21 +153,6 @@ def test_a_worker_that_cannot_log_tells_the_driver_which_logs_for_it(local_ray, 
     assert "replayed by the driver" in child.data.tags["tracking.incomplete"]
 
 
-def test_ctrl_c_leaves_a_killed_resumable_run(local_ray, dataset, tmp_path):
-    cfg = tiny_pipeline_config(dataset, tmp_path, schedule={"stabilize_kimg": 0.384})
-    proc = start_run_until_checkpoint(
-        cfg, "ctrl-c", "00", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 130, out[-3000:]
-    assert f"progan resume {tmp_path / 'runs' / 'ctrl-c'}" in out
-    _, runs = runs_of(cfg_uri(cfg))
-    status = {r.info.run_name: r.info.status for r in runs}
-    assert status["ctrl-c"] == status["00-0004-stabilize"] == "KILLED"
-    assert not RunState.load(tmp_path / "runs" / "ctrl-c" / "state.json").finished
-
-
 def test_a_second_driver_on_the_same_run_is_refused(dataset, tmp_path):
     cfg = tiny_pipeline_config(dataset, tmp_path)
     with RunLock(run_dir_of(cfg, "busy")), pytest.raises(RunLockedError, match="pid"):
@@ -191,13 +179,28 @@ def progan_cli(*args: str, cwd) -> subprocess.CompletedProcess:
     return subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True)
 
 
-def test_run_killed_mid_phase_then_progan_resume_equals_the_uninterrupted_run(
+def test_ctrl_c_then_kill_9_then_progan_resume_equals_the_uninterrupted_run(
     local_ray, dataset, tmp_path
 ):
-    # 384 images a phase, a checkpoint every 32: the kill lands mid-phase
+    # 384 images a phase, a checkpoint every 32: each interruption lands mid-phase
     cfg = tiny_pipeline_config(
         dataset, tmp_path, schedule={"transition_kimg": 0, "stabilize_kimg": 0.384}
     )
+    run_dir = tmp_path / "runs" / "killed"
+
+    # Ctrl-C in phase 0: exit 130, the runs KILLED, a resume hint
+    proc = start_run_until_checkpoint(
+        cfg, "killed", "00", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-3000:]
+    assert f"progan resume {run_dir}" in out
+    _, runs = runs_of(cfg_uri(cfg))
+    status = {r.info.run_name: r.info.status for r in runs}
+    assert status["killed"] == status["00-0004-stabilize"] == "KILLED"
+
+    # the same run id again, then kill -9 of its process group in phase 1
     proc = start_run_until_checkpoint(
         cfg,
         "killed",
@@ -208,7 +211,6 @@ def test_run_killed_mid_phase_then_progan_resume_equals_the_uninterrupted_run(
     )
     os.killpg(proc.pid, signal.SIGKILL)  # the driver, its local Ray, its workers
     proc.wait()
-    run_dir = tmp_path / "runs" / "killed"
     assert not RunState.load(run_dir / "state.json").finished
 
     elsewhere = tmp_path / "elsewhere"
@@ -218,26 +220,30 @@ def test_run_killed_mid_phase_then_progan_resume_equals_the_uninterrupted_run(
     assert "phase 00-0004-stabilize: done earlier, skipped" in resumed.stdout
     state = RunState.load(run_dir / "state.json")
     assert state.finished
-    # the unfinished phase continued from its Ray checkpoint mid-phase, not its start (384)
+    # each interrupted phase continued from its Ray checkpoint mid-phase, not its start
+    first, second = state.phase(0).starts
+    assert first == {"origin": "scratch", "images": 0}
+    assert second["origin"] == "ray-checkpoint" and 0 < second["images"] < 384, second
     [start] = state.phase(1).starts
     assert start["origin"] == "ray-checkpoint" and 384 < start["images"] < 768, start
 
-    uninterrupted = run_pipeline(cfg, "clean")
-    a = load_checkpoint(run_dir / "generator.pt")
-    b = load_checkpoint(uninterrupted.generator)
+    # the same plan without Ray, never interrupted, in this process (one thread, as Ray's
+    # workers run): the same generator, bit for bit
+    with torch_threads(1):
+        reference = train_local(cfg, tmp_path / "local", console=Console(file=io.StringIO()))
+    a, b = load_checkpoint(run_dir / "generator.pt"), load_checkpoint(reference.generator)
     assert a["images_shown"] == b["images_shown"] == 768
     for name, tensor in b["G_ema"].items():
         assert torch.equal(a["G_ema"][name], tensor), name
 
-    client, runs = runs_of(uninterrupted.tracking_uri)
-    child = next(
-        r
-        for r in runs
-        if r.info.run_name == "01-0008-stabilize"
-        and r.data.tags["ray_run_name"].startswith("killed")
-    )
-    assert child.info.status == "FINISHED"
-    assert metric_steps(client, child.info.run_id) == list(range(400, 769, 16))  # once each
+    client, runs = runs_of(cfg_uri(cfg))
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("ray_run_name", "")}
+    for name, steps in (
+        ("00-0004-stabilize", range(16, 385, 16)),
+        ("01-0008-stabilize", range(400, 769, 16)),
+    ):
+        assert children[name].info.status == "FINISHED"
+        assert metric_steps(client, children[name].info.run_id) == list(steps)  # once each
 
     # a finished run: `progan resume` from the runs root (relative) and from the project
     for cwd, path in ((tmp_path / "runs", "killed"), (REPO_ROOT, str(run_dir))):
