@@ -26,6 +26,7 @@ from rich.table import Table
 from pipeline.common import changed_since, ensure_dataset
 from pipeline.config import ConfigError, PipelineConfig, dump_config, load_config_dict
 from pipeline.state import RunLock, RunState
+from pipeline.storage import STATE_FILE as CHECKPOINT_STATE
 from pipeline.storage import (
     check_free_space,
     checkpoint_uri,
@@ -416,7 +417,7 @@ class PhaseDriver:
             tracker.log_metrics(state.parent_run_id, evaluation, phase.end_images)
         if self.cfg.tracking.log_checkpoints:
             with result.checkpoint.as_directory() as d:
-                tracker.log_artifact(ps.child_run_id, Path(d) / "state.pt", "checkpoint")
+                tracker.log_artifact(ps.child_run_id, Path(d) / CHECKPOINT_STATE, "checkpoint")
         tracker.client.set_tag(ps.child_run_id, "checkpoint", ps.checkpoint)
         tracker.finish(ps.child_run_id)
         ps.done = True

@@ -38,14 +38,17 @@ def checkpoint_uri(storage: str, ray_name: str, checkpoint_path: str) -> str:
     return f"{storage.rstrip('/')}/{ray_name}/{Path(checkpoint_path).name}"
 
 
-def load_training_state(source: str) -> dict[str, Any]:
-    """A full trainer state from a checkpoint directory URI in storage (or a state file),
-    loaded to CPU: `GANTrainer.load_state_dict` places the tensors."""
-    if Path(source).is_file():
-        return load_checkpoint(source)
+def load_training_state(source: Any) -> dict[str, Any]:
+    """A full trainer state from a `ray.train.Checkpoint`, a checkpoint directory URI in
+    storage, or a state file, loaded to CPU: `GANTrainer.load_state_dict` places the
+    tensors."""
     import ray.train
 
-    with ray.train.Checkpoint(source).as_directory() as d:
+    if not isinstance(source, ray.train.Checkpoint):
+        if Path(source).is_file():
+            return load_checkpoint(source)
+        source = ray.train.Checkpoint(source)
+    with source.as_directory() as d:
         return load_checkpoint(Path(d) / STATE_FILE)
 
 

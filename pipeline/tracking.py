@@ -237,9 +237,12 @@ def local_store_refusal(uri: str) -> str:
     )
 
 
+def mlflow_settings() -> dict[str, str]:
+    """This process's MLFLOW_* variables (tracking URI, auth, TLS options, timeouts)."""
+    return {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+
+
 def tracking_env(uri: str) -> dict[str, str]:
-    """What MLflow needs in a worker's environment: the URI and the driver's MLFLOW_*
-    settings (auth variables, TLS options, timeouts)."""
-    env = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
-    env["MLFLOW_TRACKING_URI"] = uri
-    return env
+    """What MLflow needs in a worker's environment: the driver's MLflow settings, with the
+    tracking URI the run resolved."""
+    return {**mlflow_settings(), "MLFLOW_TRACKING_URI": uri}

@@ -29,7 +29,7 @@ from pipeline.mailbox import post
 from pipeline.storage import STATE_FILE, load_training_state
 from pipeline.tracking import MetricLogger
 from preprocessing.lmdb_store import LmdbImageDataset
-from progan.checkpoint import load_checkpoint, save_checkpoint
+from progan.checkpoint import save_checkpoint
 from progan.device import configure_device
 from progan.loop import LoopOptions, run_phase
 from progan.sampling import fixed_latents, generate, save_grid
@@ -75,8 +75,7 @@ def restore(trainer: GANTrainer, init_checkpoint: str | None) -> str:
     """
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            trainer.load_state_dict(load_checkpoint(Path(d) / STATE_FILE))
+        trainer.load_state_dict(load_training_state(checkpoint))
         return "ray-checkpoint"
     if init_checkpoint:
         trainer.load_state_dict(load_training_state(init_checkpoint))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import tempfile
 from pathlib import Path
 
@@ -63,6 +62,7 @@ def submit(args: argparse.Namespace) -> int:
 
     from pipeline.config import ConfigError, load_config
     from pipeline.run import RAY_ENV, new_run_id, project_modules
+    from pipeline.tracking import mlflow_settings
 
     try:
         cfg = load_config(args.config, args.overrides)  # paths absolute: jobs run elsewhere
@@ -75,7 +75,7 @@ def submit(args: argparse.Namespace) -> int:
     (job_dir / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     modules = project_modules()
     # MLflow's settings here (tracking URI, auth variables) are the job's too
-    env = {**RAY_ENV, **{k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}}
+    env = {**RAY_ENV, **mlflow_settings()}
     job_id = client(args.address).submit_job(
         entrypoint=f"{args.python} -m pipeline.cli run config.yaml --run-id {run_id}",
         # a job id is used once: a resubmission of the same run id (which resumes it) gets
