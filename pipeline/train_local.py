@@ -47,7 +47,7 @@ from pipeline.config import (
 from preprocessing.lmdb_store import LmdbImageDataset
 from progan.checkpoint import load_checkpoint, save_checkpoint
 from progan.device import configure_device
-from progan.loop import LoopOptions, crossed, run_phase
+from progan.loop import LoopOptions, run_phase
 from progan.sampling import fixed_latents, generate, save_grid
 from progan.schedule import Phase, phase_plan
 from progan.trainer import GANTrainer
@@ -161,7 +161,6 @@ class LocalRun:
         self.book["invocations"] += 1
         self.trained_here = 0.0  # training seconds of this invocation (the budget's clock)
         self.log_every = max(1, round(cfg.run.log_every_kimg * 1000))
-        self.log_mark = (0, 0, 0.0)
         self.segment: tuple[Phase, float] | None = None  # phase being trained, since when
 
     def say(self, text: str, **kwargs: Any) -> None:
@@ -189,27 +188,19 @@ class LocalRun:
 
     # -- callbacks of run_phase -------------------------------------------------------------
     def on_stats(self, phase: Phase, stats: dict[str, float]) -> None:
-        """Every step: check the time budget; every run.log_every_kimg: log a line and record.
-
-        The loop calls this after every step (log_every_images=1) so that the budget is
-        checked per step; images/s is measured here over the logging interval.
-        """
+        """Every run.log_every_kimg (and at the phase end): a log line and a stats record."""
         shown = int(stats["images_shown"])
-        last, clock_images, clock = self.log_mark
-        if crossed(last, shown, self.log_every) or shown >= phase.end_images:
-            now = time.perf_counter()
-            stats["images_per_s"] = (shown - clock_images) / max(now - clock, 1e-9)
-            self.log_mark = (shown, shown, now)
-            append_jsonl(self.out / STATS_FILE, {"phase": phase.name, **stats})
-            self.say(
-                f"{phase.name}  {shown - phase.start_images:>9,}/{phase.num_images:,} img  "
-                f"alpha {stats['alpha']:.2f}  "
-                f"d_loss {stats['d_loss']:8.3f}  g_loss {stats['g_loss']:8.3f}  "
-                f"{stats['images_per_s']:8.0f} img/s",
-                highlight=False,
-            )
-        else:
-            self.log_mark = (shown, clock_images, clock)
+        append_jsonl(self.out / STATS_FILE, {"phase": phase.name, **stats})
+        self.say(
+            f"{phase.name}  {shown - phase.start_images:>9,}/{phase.num_images:,} img  "
+            f"alpha {stats['alpha']:.2f}  "
+            f"d_loss {stats['d_loss']:8.3f}  g_loss {stats['g_loss']:8.3f}  "
+            f"{stats['images_per_s']:8.0f} img/s",
+            highlight=False,
+        )
+
+    def on_step(self, trainer: GANTrainer) -> None:
+        """After every step: stop when the time budget is spent (reads no device value)."""
         if self.budget_s is not None and self._trained_here_now() >= self.budget_s:
             raise TimeBudgetReached
 
@@ -274,14 +265,12 @@ class LocalRun:
         )
         cfg = self.cfg
         options = LoopOptions(
-            log_every_images=1,  # on_stats after every step; it logs at log_every
+            log_every_images=self.log_every,
             checkpoint_every_images=max(1, round(cfg.run.checkpoint_every_kimg * 1000)),
             num_workers=cfg.data.loader_workers,
         )
         dataset = LmdbImageDataset(cfg.data.dataset, phase.resolution)
-        now, shown = time.perf_counter(), self.trainer.images_shown
-        self.segment = (phase, now)
-        self.log_mark = (shown, shown, now)  # images at the last step, at the last log, when
+        self.segment = (phase, time.perf_counter())
         try:
             run_phase(
                 self.trainer,
@@ -290,8 +279,10 @@ class LocalRun:
                 options,
                 lambda stats: self.on_stats(phase, stats),
                 lambda trainer, stats, final: self.save(phase),
+                self.on_step,
             )
         except TimeBudgetReached:
+            self.trainer.read_stats()  # a NaN/inf loss since the last log raises here
             self.save(phase)
             self.say(
                 f"time budget of {self.budget_s / 60:g} min reached at "

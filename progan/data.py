@@ -44,13 +44,23 @@ class PositionSampler(Sampler[list[int]]):
             self._perm, self._perm_epoch = torch.randperm(self.n, generator=g), epoch
         return self._perm
 
+    def index_tensor(self, images_shown: int) -> torch.Tensor:
+        """This rank's indices for the global batch starting at `images_shown` (int64, CPU).
+
+        Stream positions k map to permutation(k // n)[k % n]; a batch spans at most a few
+        epochs, each gathered at once.
+        """
+        first = images_shown + self.rank * self.local
+        positions = torch.arange(first, first + self.local)
+        out = torch.empty(self.local, dtype=torch.long)
+        for epoch in range(first // self.n, (first + self.local - 1) // self.n + 1):
+            mask = (positions // self.n) == epoch
+            out[mask] = self._permutation(epoch)[positions[mask] % self.n]
+        return out
+
     def indices_at(self, images_shown: int) -> list[int]:
         """This rank's indices for the global batch starting at `images_shown`."""
-        first = images_shown + self.rank * self.local
-        out = []
-        for k in range(first, first + self.local):
-            out.append(int(self._permutation(k // self.n)[k % self.n]))
-        return out
+        return self.index_tensor(images_shown).tolist()
 
     def __iter__(self) -> Iterator[list[int]]:
         position = self.start

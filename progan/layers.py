@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +12,45 @@ from torch import nn
 
 LRELU_SLOPE = 0.2
 HE_GAIN = math.sqrt(2.0)
+
+# id(layer) -> its weight * scale, already in the compute dtype, while `shared_scaled_weights`
+# is active (one autograd graph: D on reals, on fakes and under the gradient penalty).
+_scaled: dict[int, torch.Tensor] | None = None
+
+
+@contextmanager
+def shared_scaled_weights() -> Iterator[None]:
+    """Within the block, each equalized layer scales (and casts) its weight once, not per call.
+
+    Equal results: the same product and cast, reused by every call in the block, and
+    gradients reach the weight through it. Use it around ONE forward/backward graph; the
+    weights must not change inside (no optimizer step). Compiled code ignores it (Inductor
+    fuses the scale into the kernel that reads the weight).
+    """
+    global _scaled
+    outer, _scaled = _scaled, {}
+    try:
+        yield
+    finally:
+        _scaled = outer
+
+
+def compute_dtype(like: torch.Tensor) -> torch.dtype:
+    """The dtype autocast runs matmuls/convs in on `like`'s device, else `like`'s own."""
+    device = like.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return like.dtype
+
+
+def scaled_weight(layer: EqualizedConv2d | EqualizedLinear) -> torch.Tensor:
+    """`layer.weight * layer.scale`, shared within `shared_scaled_weights` (eager only)."""
+    if _scaled is None or torch.compiler.is_compiling():
+        return layer.weight * layer.scale
+    w = _scaled.get(id(layer))
+    if w is None:
+        w = _scaled[id(layer)] = (layer.weight * layer.scale).to(compute_dtype(layer.weight))
+    return w
 
 
 class EqualizedConv2d(nn.Module):
@@ -23,7 +64,7 @@ class EqualizedConv2d(nn.Module):
         self.padding = kernel // 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.weight * self.scale, self.bias, padding=self.padding)
+        return F.conv2d(x, scaled_weight(self), self.bias, padding=self.padding)
 
     def extra_repr(self) -> str:
         o, i, k, _ = self.weight.shape
@@ -42,16 +83,32 @@ class EqualizedLinear(nn.Module):
         self.scale = gain / math.sqrt(in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight * self.scale, self.bias)
+        return F.linear(x, scaled_weight(self), self.bias)
 
     def extra_repr(self) -> str:
         o, i = self.weight.shape
         return f"{i}, {o}, scale={self.scale:.4g}"
 
 
+def is_channels_last(x: torch.Tensor) -> bool:
+    """NHWC strides (and not also NCHW-contiguous, as a tensor with C = 1 can be)."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """`x` in float32 if it is a lower-precision float (bf16/fp16), else unchanged."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def pixel_norm(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Normalise each pixel's feature vector to unit mean square (dim 1 = channels)."""
-    return x * torch.rsqrt(x.square().mean(dim=1, keepdim=True) + eps)
+    """Normalise each pixel's feature vector to unit mean square (dim 1 = channels).
+
+    The statistic is computed in at least float32 and the result cast back to x's dtype:
+    under CUDA autocast `rsqrt` returns float32, which would otherwise turn every
+    generator activation after it into float32.
+    """
+    xf = at_least_fp32(x)
+    return (xf * torch.rsqrt(xf.square().mean(dim=1, keepdim=True) + eps)).to(x.dtype)
 
 
 class PixelNorm(nn.Module):
@@ -85,11 +142,14 @@ class MinibatchStdDev(nn.Module):
         n, c, h, w = x.shape
         g = largest_divisor_at_most(n, self.group_size)
         # statistics in at least float32 (bf16 inputs under autocast), never lower precision
-        y = x.to(torch.promote_types(x.dtype, torch.float32)).reshape(g, -1, c, h, w)
+        y = at_least_fp32(x).reshape(g, -1, c, h, w)
         y = y - y.mean(dim=0)
         y = (y.square().mean(dim=0) + 1e-8).sqrt()
         y = y.mean(dim=(1, 2, 3)).to(x.dtype)  # [M]
         y = y.reshape(-1, 1, 1, 1).repeat(g, 1, h, w)
+        if is_channels_last(x):  # torch.cat would return NCHW: concatenate NHWC views
+            nhwc = torch.cat([x.permute(0, 2, 3, 1), y.permute(0, 2, 3, 1)], dim=3)
+            return nhwc.permute(0, 3, 1, 2)
         return torch.cat([x, y], dim=1)
 
     def extra_repr(self) -> str:

@@ -19,6 +19,7 @@ from progan.trainer import GANTrainer
 
 StatsCallback = Callable[[dict[str, float]], None]
 CheckpointCallback = Callable[[GANTrainer, dict[str, float], bool], None]
+StepCallback = Callable[[GANTrainer], None]
 
 
 @dataclass
@@ -64,11 +65,15 @@ def run_phase(
     options: LoopOptions | None = None,
     on_stats: StatsCallback | None = None,
     on_checkpoint: CheckpointCallback | None = None,
+    on_step: StepCallback | None = None,
 ) -> dict[str, float]:
     """Train until `phase.end_images` (or options.stop_at_images); return the last stats.
 
     `on_stats(stats)` runs every `log_every_images` with images/s added; `on_checkpoint(
-    trainer, stats, final)` runs every `checkpoint_every_images` and once at the end.
+    trainer, stats, final)` runs every `checkpoint_every_images` and once at the end;
+    `on_step(trainer)` after every step (it must not read device values). Stats are read
+    from the device only at log and checkpoint points: a NaN/inf loss raises
+    NonFiniteLossError at the first of them after it, before any checkpoint is written.
     """
     options = options or LoopOptions()
     end = phase.end_images
@@ -82,19 +87,21 @@ def run_phase(
     clock, clock_images = time.perf_counter(), trainer.images_shown
     while trainer.images_shown < end:
         before = trainer.images_shown
-        stats = trainer.train_step([next(batches) for _ in range(n_critic)])
+        trainer.step([next(batches) for _ in range(n_critic)])
         after = trainer.images_shown
-        if on_stats and (crossed(before, after, options.log_every_images) or after >= end):
+        log_now = crossed(before, after, options.log_every_images) or after >= end
+        checkpoint_now = after < end and crossed(before, after, options.checkpoint_every_images)
+        if log_now or checkpoint_now:
+            stats = trainer.read_stats()  # the only host sync; raises on a NaN/inf loss
+        if on_stats and log_now:
             now = time.perf_counter()
             stats["images_per_s"] = (after - clock_images) / max(now - clock, 1e-9)
             clock, clock_images = now, after
             on_stats(stats)
-        if (
-            on_checkpoint
-            and after < end
-            and crossed(before, after, options.checkpoint_every_images)
-        ):
+        if on_checkpoint and checkpoint_now:
             on_checkpoint(trainer, stats, False)
+        if on_step:
+            on_step(trainer)
     if on_checkpoint:
         on_checkpoint(trainer, stats, True)
     return stats

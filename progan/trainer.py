@@ -17,22 +17,22 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from progan.checkpoint import rng_state, set_rng_state
 from progan.config import GANConfig, TrainConfig
 from progan.ema import make_ema, update_ema
+from progan.layers import shared_scaled_weights
 from progan.losses import BCE_LOSSES, discriminator_loss, generator_loss, gradient_penalty
 from progan.models import build_networks
+from progan.monitor import NonFiniteLossError, StepMonitor
 from progan.networks import Alpha, GrowingNetwork, fade_in_real, is_fading
 from progan.schedule import Phase, SchedulePoint, phase_plan, point_in_plan
 
 Wrap = Callable[[nn.Module], nn.Module]
+CHECKED_LOSSES = ("d_loss", "g_loss")
 
-
-class NonFiniteLossError(FloatingPointError):
-    """A loss became NaN or inf; raised before the optimizer step so weights stay intact."""
+__all__ = ["GANTrainer", "NonFiniteLossError"]
 
 
 class DiscriminatorObjective(nn.Module):
@@ -107,6 +107,8 @@ class GANTrainer:
         self.optimizer_phase = -1  # index of the phase the optimizer state belongs to
         self.phase: Phase | None = None  # phase the modules are currently set up for
         self.generator = torch.Generator(self.device)
+        self.monitor = StepMonitor(CHECKED_LOSSES, self.device, cfg.train.check_finite)
+        self.host_stats: dict[str, float] = {}  # known on the host: alpha, lr, resolution
 
     # -- set-up -----------------------------------------------------------------------
     def _make_optimizers(self) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
@@ -188,24 +190,6 @@ class GANTrainer:
         fake_b = 1.0 - self._rand(n).pow(0.2)
         return 1.0 - real_b, fake_b
 
-    def _check(self, name: str, value: torch.Tensor) -> None:
-        """Raise NonFiniteLossError if `value` is NaN/inf here or, under DDP, on any rank.
-
-        The check is collective so that every rank stops at the same step (a rank that
-        raised alone would leave the others waiting in the next all-reduce).
-        """
-        if not self.cfg.train.check_finite:
-            return
-        finite = torch.isfinite(value.detach()).to(torch.int32)
-        if self.world_size > 1 and dist.is_available() and dist.is_initialized():
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if not finite.item():
-            raise NonFiniteLossError(
-                f"{name} is not finite (here {value.item()}) at images_shown="
-                f"{self.images_shown} (phase {self.phase.name if self.phase else '?'}); "
-                "stopped before the optimizer step. Lower the learning rate or check the data."
-            )
-
     @contextmanager
     def _d_frozen(self):
         for p in self.d_active:
@@ -217,10 +201,28 @@ class GANTrainer:
                 p.requires_grad_(True)
 
     def train_step(self, reals: torch.Tensor | Sequence[torch.Tensor]) -> dict[str, float]:
+        """`step(reals)`, then `read_stats()`: simple, but waits for the device every step."""
+        self.step(reals)
+        return self.read_stats()
+
+    def read_stats(self) -> dict[str, float]:
+        """The last step's stats as floats: the one host sync of a log interval.
+
+        Raises NonFiniteLossError if a loss became NaN/inf since the last read (where it
+        first did, collectively under DDP: every rank must read at the same steps).
+        """
+        stats = self.monitor.read(self.world_size, self._where())
+        return {**stats, **self.host_stats}
+
+    def _where(self) -> str:
+        return f" (phase {self.phase.name if self.phase else '?'})"
+
+    def step(self, reals: torch.Tensor | Sequence[torch.Tensor]) -> None:
         """One iteration: `n_critic` D steps (one real batch each), `g_steps` G steps, EMA.
 
         `reals` are this rank's share of the global batch: uint8 [N, C, R, R] or floats in
-        [-1, 1], at the current phase's resolution. Returns scalar stats.
+        [-1, 1], at the current phase's resolution. Nothing here waits for the device:
+        stats and finite checks stay there until `read_stats`.
         """
         batches = [reals] if isinstance(reals, torch.Tensor) else list(reals)
         t = self.cfg.train
@@ -242,7 +244,7 @@ class GANTrainer:
                 f"{batches[0].shape[0]} per rank x {self.world_size} ranks"
             )
         self._seed_step()
-        stats: dict[str, torch.Tensor] = {}
+        monitor = self.monitor
         self.G.train()
         self.D.train()
 
@@ -254,7 +256,7 @@ class GANTrainer:
             fake = self._to_memory_format(fake.float())
             mix = self._rand(n)
             real_target, fake_target = self._label_targets(n)
-            with self._autocast():
+            with self._autocast(), shared_scaled_weights():  # D runs 3 times in this graph
                 d_loss, d_stats = self.D_train(
                     self._noisy(real),
                     self._noisy(fake),
@@ -264,7 +266,9 @@ class GANTrainer:
                     real_target,
                     fake_target,
                 )
-            self._check("d_loss", d_loss)
+            monitor.observe("d_loss", d_loss, self.images_shown)
+            for name, value in d_stats.items():
+                monitor.observe(name, value, self.images_shown)
             self.opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
             self.opt_d.step()
@@ -273,7 +277,6 @@ class GANTrainer:
                     torch._foreach_clamp_min_(self.d_active, -t.wgan_clip)
                     torch._foreach_clamp_max_(self.d_active, t.wgan_clip)
             self.images_shown += point.batch_size
-            stats.update(d_stats, d_loss=d_loss.detach())
 
         with self._d_frozen():
             for _ in range(t.g_steps):
@@ -281,27 +284,26 @@ class GANTrainer:
                     fake = self.G_train(self._randn(n, self.cfg.model.latent_size), level, alpha)
                     d_fake = self.D(self._noisy(self._to_memory_format(fake)), level, alpha)
                     g_loss = generator_loss(t, d_fake).mean()
-                self._check("g_loss", g_loss)
+                monitor.observe("g_loss", g_loss, self.images_shown)
                 self.opt_g.zero_grad(set_to_none=True)
                 g_loss.backward()
                 self.opt_g.step()
-        stats["g_loss"] = g_loss.detach()
         update_ema(self.G_ema, self.G, t.ema_beta)
-
-        names = list(stats)
-        values = torch.stack([stats[k].float() for k in names]).tolist()
-        out = dict(zip(names, values, strict=True))
-        out.update(
-            alpha=float(alpha),
-            lr=point.lr,
-            resolution=float(point.resolution),
-            images_shown=float(self.images_shown),
-        )
-        return out
+        self.host_stats = {
+            "alpha": float(alpha),
+            "lr": point.lr,
+            "resolution": float(point.resolution),
+            "images_shown": float(self.images_shown),
+        }
 
     # -- state --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue the same curve (see progan.checkpoint)."""
+        """Everything needed to continue the same curve (see progan.checkpoint).
+
+        Refuses (NonFiniteLossError) when a loss of this rank went non-finite since the
+        last `read_stats`: such weights are never checkpointed.
+        """
+        self.monitor.check_local(self._where())
         point = self.point
         return {
             "config": self.cfg.model_dump(mode="json"),

@@ -43,7 +43,7 @@ def dies_once(config: dict[str, Any]) -> None:
     import progan.trainer
 
     fail_at, marker = config["fail_at_images"], Path(config["fail_marker"])
-    step = progan.trainer.GANTrainer.train_step
+    step = progan.trainer.GANTrainer.step
 
     def train_step(self, reals):
         out = step(self, reals)
@@ -55,7 +55,7 @@ def dies_once(config: dict[str, Any]) -> None:
             os._exit(1)
         return out
 
-    progan.trainer.GANTrainer.train_step = train_step
+    progan.trainer.GANTrainer.step = train_step
     record_env(config)
     phase_worker(config)
 

@@ -1,5 +1,7 @@
 """Data order is a function of images shown: resumable anywhere, full disjoint rank shares."""
 
+import pytest
+
 from progan.data import PositionSampler
 
 
@@ -22,3 +24,21 @@ def test_ranks_split_each_global_batch_without_overlap():
         assert ranks[0][step] + ranks[1][step] == single[step]
     epoch = [i for b in take(PositionSampler(12, 4, seed=2), 3) for i in b]
     assert sorted(epoch) == list(range(12))  # each epoch is a permutation
+
+
+def per_sample_loop(sampler: PositionSampler, images_shown: int) -> list[int]:
+    """The original (reference) definition: one position of the stream at a time."""
+    first = images_shown + sampler.rank * sampler.local
+    return [
+        int(sampler._permutation(k // sampler.n)[k % sampler.n])
+        for k in range(first, first + sampler.local)
+    ]
+
+
+@pytest.mark.parametrize(("n", "batch", "world"), [(10, 4, 1), (3, 8, 2), (37, 16, 4), (64, 8, 1)])
+def test_vectorised_indices_equal_the_per_sample_loop(n, batch, world):
+    """Batches that straddle one epoch end, or several (a dataset smaller than a batch)."""
+    for rank in range(world):
+        sampler = PositionSampler(n, batch, rank=rank, world_size=world, seed=5)
+        for shown in range(0, 6 * max(n, batch), batch):
+            assert sampler.indices_at(shown) == per_sample_loop(sampler, shown), (rank, shown)
