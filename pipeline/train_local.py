@@ -67,6 +67,8 @@ RESUMABLE_CHANGES = (
     "eval.",
     "run.",
     "data.loader_workers",
+    "train.compile",
+    "train.cuda_graphs",
     "data.source",
     "data.prepare",
     "data.sample_faces",

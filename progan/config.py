@@ -37,6 +37,11 @@ class ModelConfig(StrictModel):
     fmap_min: int = Field(1, gt=0)
     mbstd_group_size: int = Field(4, ge=0, description="0 disables the minibatch-stddev layer")
     dcgan_width: int = Field(64, gt=0, description="DCGAN: channels of the largest layer / 8")
+    fused_scale: bool = Field(
+        False,
+        description="official fused_scale: G's upsample+conv as one transposed conv (same "
+        "function), D's conv+pool as one stride-2 conv with the leaky ReLU after the pooling",
+    )
 
     @field_validator("resolution")
     @classmethod
@@ -72,6 +77,12 @@ class TrainConfig(StrictModel):
     )
     bf16: bool = False
     channels_last: bool = False
+    compile: bool = Field(
+        False, description="torch.compile G and D once per phase (progan/acceleration.py)"
+    )
+    cuda_graphs: bool = Field(
+        False, description="with compile, on CUDA devices: CUDA graphs (mode reduce-overhead)"
+    )
     seed: int = 0
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -15,7 +15,7 @@ HE_GAIN = math.sqrt(2.0)
 
 # id(layer) -> its weight * scale, already in the compute dtype, while `shared_scaled_weights`
 # is active (one autograd graph: D on reals, on fakes and under the gradient penalty).
-_scaled: dict[int, torch.Tensor] | None = None
+_scaled: dict[tuple[int, str], torch.Tensor] | None = None
 
 
 @contextmanager
@@ -45,12 +45,36 @@ def compute_dtype(like: torch.Tensor) -> torch.dtype:
 
 def scaled_weight(layer: EqualizedConv2d | EqualizedLinear) -> torch.Tensor:
     """`layer.weight * layer.scale`, shared within `shared_scaled_weights` (eager only)."""
-    if _scaled is None or torch.compiler.is_compiling():
-        return layer.weight * layer.scale
-    w = _scaled.get(id(layer))
+    return _shared(layer, "scaled", lambda: layer.weight * layer.scale)
+
+
+def _shared(layer: nn.Module, kind: str, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """`make()` in the compute dtype, made once per `shared_scaled_weights` block."""
+    if torch.compiler.is_compiling() or _scaled is None:  # compiling first: no guard on it
+        return make()
+    key = (id(layer), kind)
+    w = _scaled.get(key)
     if w is None:
-        w = _scaled[id(layer)] = (layer.weight * layer.scale).to(compute_dtype(layer.weight))
+        w = _scaled[key] = make().to(compute_dtype(layer.weight))
     return w
+
+
+def _four_taps(w: torch.Tensor) -> torch.Tensor:
+    """3x3 kernels -> 4x4: the sum of the kernel at its 4 offsets (the official fused kernel)."""
+    w = F.pad(w, (1, 1, 1, 1))
+    return w[:, :, 1:, 1:] + w[:, :, :-1, 1:] + w[:, :, 1:, :-1] + w[:, :, :-1, :-1]
+
+
+def upsample_conv(layer: EqualizedConv2d, x: torch.Tensor) -> torch.Tensor:
+    """`layer(upsample(x))` as one stride-2 transposed conv (a 3x3 `layer` only)."""
+    w = _shared(layer, "up", lambda: _four_taps(layer.weight * layer.scale).flip(2, 3))
+    return F.conv_transpose2d(x, w.transpose(0, 1), layer.bias, stride=2, padding=1)
+
+
+def conv_downsample(layer: EqualizedConv2d, x: torch.Tensor) -> torch.Tensor:
+    """`downsample(layer(x))` as one stride-2 conv (a 3x3 `layer` only)."""
+    w = _shared(layer, "down", lambda: _four_taps(layer.weight * (layer.scale / 4)))
+    return F.conv2d(x, w, layer.bias, stride=2, padding=1)
 
 
 class EqualizedConv2d(nn.Module):

@@ -19,10 +19,12 @@ from progan.layers import (
     EqualizedConv2d,
     EqualizedLinear,
     MinibatchStdDev,
+    conv_downsample,
     downsample,
     lrelu,
     pixel_norm,
     upsample,
+    upsample_conv,
 )
 
 Alpha = float | torch.Tensor
@@ -41,6 +43,13 @@ def resolution_of(level: int) -> int:
 def channels(cfg: ModelConfig, level: int) -> int:
     """Feature maps at `level`: the paper's min(fmap_base / 2**stage, fmap_max), stage = level+1."""
     return max(cfg.fmap_min, min(int(cfg.fmap_base / 2.0 ** (level + 1)), cfg.fmap_max))
+
+
+def blend(old: torch.Tensor, new: torch.Tensor, alpha: Alpha) -> torch.Tensor:
+    """lerp(old, new, alpha); a tensor alpha (compiled steps) in the blended tensors' dtype."""
+    if isinstance(alpha, torch.Tensor):
+        alpha = alpha.to(new.dtype)
+    return torch.lerp(old, new, alpha)
 
 
 def is_fading(level: int, alpha: Alpha) -> bool:
@@ -76,16 +85,20 @@ class GrowingNetwork(nn.Module):
 
 
 class GeneratorBlock(nn.Module):
-    """Upsample, then two 3x3 convs, each followed by leaky ReLU and pixel norm."""
+    """Upsample, then two 3x3 convs, each followed by leaky ReLU and pixel norm.
 
-    def __init__(self, in_ch: int, out_ch: int) -> None:
+    `fused`: upsample + first conv as one transposed conv (the same function).
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, fused: bool = False) -> None:
         super().__init__()
         self.conv0 = EqualizedConv2d(in_ch, out_ch, 3)
         self.conv1 = EqualizedConv2d(out_ch, out_ch, 3)
+        self.fused = fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = upsample(x)
-        x = pixel_norm(lrelu(self.conv0(x)))
+        x = upsample_conv(self.conv0, x) if self.fused else self.conv0(upsample(x))
+        x = pixel_norm(lrelu(x))
         return pixel_norm(lrelu(self.conv1(x)))
 
 
@@ -116,7 +129,8 @@ class Generator(GrowingNetwork):
         ch = [channels(cfg, lv) for lv in range(self.max_level + 1)]
         self.base = GeneratorBase(cfg.latent_size, ch[0])
         self.blocks = nn.ModuleList(
-            GeneratorBlock(ch[lv - 1], ch[lv]) for lv in range(1, self.max_level + 1)
+            GeneratorBlock(ch[lv - 1], ch[lv], cfg.fused_scale)
+            for lv in range(1, self.max_level + 1)
         )
         self.to_rgb = nn.ModuleList(EqualizedConv2d(c, cfg.num_channels, 1, gain=1.0) for c in ch)
 
@@ -132,7 +146,7 @@ class Generator(GrowingNetwork):
         out = self.to_rgb[level](x)
         if is_fading(level, alpha):
             skip = upsample(self.to_rgb[level - 1](previous))
-            out = torch.lerp(skip, out, alpha)
+            out = blend(skip, out, alpha)
         return out
 
     def active_modules(self, level: int, fading: bool) -> list[nn.Module]:
@@ -143,15 +157,22 @@ class Generator(GrowingNetwork):
 
 
 class DiscriminatorBlock(nn.Module):
-    """Two 3x3 convs with leaky ReLU, then 2x2 average pooling."""
+    """Two 3x3 convs with leaky ReLU, then 2x2 average pooling.
 
-    def __init__(self, in_ch: int, out_ch: int) -> None:
+    `fused` (the official `fused_scale`): the second conv and the pooling as one stride-2
+    conv, with the leaky ReLU after the pooling, as the official code orders it there.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, fused: bool = False) -> None:
         super().__init__()
         self.conv0 = EqualizedConv2d(in_ch, in_ch, 3)
         self.conv1 = EqualizedConv2d(in_ch, out_ch, 3)
+        self.fused = fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = lrelu(self.conv0(x))
+        if self.fused:
+            return lrelu(conv_downsample(self.conv1, x))
         return downsample(lrelu(self.conv1(x)))
 
 
@@ -183,7 +204,8 @@ class Discriminator(GrowingNetwork):
         dense_ch = max(cfg.fmap_min, min(cfg.fmap_base, cfg.fmap_max))  # nf(0)
         self.from_rgb = nn.ModuleList(EqualizedConv2d(cfg.num_channels, c, 1) for c in ch)
         self.blocks = nn.ModuleList(
-            DiscriminatorBlock(ch[lv], ch[lv - 1]) for lv in range(1, self.max_level + 1)
+            DiscriminatorBlock(ch[lv], ch[lv - 1], cfg.fused_scale)
+            for lv in range(1, self.max_level + 1)
         )
         self.head = DiscriminatorHead(ch[0], dense_ch, cfg.mbstd_group_size)
 
@@ -202,7 +224,7 @@ class Discriminator(GrowingNetwork):
             x = self.blocks[level - 1](x)
             if is_fading(level, alpha):
                 skip = lrelu(self.from_rgb[level - 1](downsample(img)))
-                x = torch.lerp(skip, x, alpha)
+                x = blend(skip, x, alpha)
             for block in reversed(self.blocks[: level - 1]):
                 x = block(x)
         return self.head(x)
@@ -222,4 +244,4 @@ def fade_in_real(images: torch.Tensor, alpha: Alpha) -> torch.Tensor:
     """
     if isinstance(alpha, float) and alpha >= 1.0:
         return images
-    return torch.lerp(upsample(downsample(images)), images, alpha)
+    return blend(upsample(downsample(images)), images, alpha)

@@ -19,8 +19,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from progan.acceleration import (
+    compile_network,
+    forget_compiled_phases,
+    make_optimizer,
+    uses_cuda_graphs,
+)
 from progan.checkpoint import rng_state, set_rng_state
-from progan.config import GANConfig, TrainConfig
+from progan.config import GANConfig, ModelConfig, TrainConfig
 from progan.ema import make_ema, update_ema
 from progan.layers import shared_scaled_weights
 from progan.losses import BCE_LOSSES, discriminator_loss, generator_loss, gradient_penalty
@@ -39,13 +45,19 @@ class DiscriminatorObjective(nn.Module):
     """D's whole loss as one module forward, so DDP sees one forward and one backward.
 
     Returns (mean loss, stats). The gradient penalty's inner autograd.grad happens inside
-    this forward; the outer `.backward()` is the only one DDP reduces.
+    this forward; the outer `.backward()` is the only one DDP reduces. `scores` scores the
+    reals and fakes (a compiled D); the penalty's pass always runs D eagerly (it needs a
+    double backward).
     """
 
-    def __init__(self, discriminator: GrowingNetwork, cfg: TrainConfig) -> None:
+    def __init__(
+        self, discriminator: GrowingNetwork, cfg: TrainConfig, scores: nn.Module | None = None
+    ) -> None:
         super().__init__()
         self.D = discriminator
         self.cfg = cfg
+        # a list, so that a compiled D is not registered as a second submodule
+        self.score_fns = [discriminator if scores is None else scores]
 
     def forward(
         self,
@@ -57,8 +69,8 @@ class DiscriminatorObjective(nn.Module):
         real_target: torch.Tensor | None = None,
         fake_target: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        d_real = self.D(real, level, alpha)
-        d_fake = self.D(fake, level, alpha)
+        d_real = self.score_fns[0](real, level, alpha)
+        d_fake = self.score_fns[0](fake, level, alpha)
         loss = discriminator_loss(self.cfg, d_real, d_fake, real_target, fake_target)
         stats = {"d_real": d_real.detach().float().mean(), "d_fake": d_fake.detach().float().mean()}
         if self.cfg.loss == "wgan-gp" and self.cfg.gp_lambda > 0:
@@ -109,18 +121,16 @@ class GANTrainer:
         self.generator = torch.Generator(self.device)
         self.monitor = StepMonitor(CHECKED_LOSSES, self.device, cfg.train.check_finite)
         self.host_stats: dict[str, float] = {}  # known on the host: alpha, lr, resolution
+        # a fading phase's alpha for compiled networks: refilled in place, never recompiled
+        self.alpha_tensor = torch.zeros((), device=self.device)
 
     # -- set-up -----------------------------------------------------------------------
     def _make_optimizers(self) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
-        t = self.cfg.train
-        lr = self.plan[0].lr
-
-        def make(params) -> torch.optim.Optimizer:
-            if t.optimizer == "rmsprop":
-                return torch.optim.RMSprop(params, lr=lr, alpha=t.rmsprop_alpha, eps=t.eps)
-            return torch.optim.Adam(params, lr=lr, betas=t.betas, eps=t.eps)
-
-        return make(self.G.parameters()), make(self.D.parameters())
+        t, lr = self.cfg.train, self.plan[0].lr
+        return (
+            make_optimizer(self.G.parameters(), t, lr, self.device),
+            make_optimizer(self.D.parameters(), t, lr, self.device),
+        )
 
     def _needs_optimizer_reset(self, phase: Phase) -> bool:
         if self.optimizer_phase in (-1, phase.index):
@@ -140,8 +150,15 @@ class GANTrainer:
         for opt in (self.opt_g, self.opt_d):
             for group in opt.param_groups:
                 group["lr"] = phase.lr
-        self.G_train = self.wrap(self.G)
-        self.D_train = self.wrap(DiscriminatorObjective(self.D, self.cfg.train).to(self.device))
+        self.G_train, self.G_fast, self.D_fast = self.wrap(self.G), self.G, self.D
+        t = self.cfg.train
+        if t.compile:
+            forget_compiled_phases()
+            self.G_train = compile_network(self.G_train, t, self.device)
+            self.G_fast = compile_network(self.G, t, self.device)
+            self.D_fast = compile_network(self.D, t, self.device)
+        objective = DiscriminatorObjective(self.D, t, self.D_fast)
+        self.D_train = self.wrap(objective.to(self.device))
         self.d_active = [p for p in self.D.parameters() if p.requires_grad]
         self.phase = phase
 
@@ -237,6 +254,11 @@ class GANTrainer:
             self.begin_phase(point.phase)
         level, alpha, fading = point.level, point.alpha, is_fading(point.level, point.alpha)
         alpha = alpha if fading else 1.0
+        net_alpha: Alpha = alpha  # what the networks get: a tensor when compiled and fading
+        if t.compile and fading:
+            net_alpha = self.alpha_tensor.fill_(alpha)
+        if uses_cuda_graphs(t, self.device):
+            torch.compiler.cudagraph_mark_step_begin()
         global_batch = batches[0].shape[0] * self.world_size
         if global_batch != point.batch_size:
             raise ValueError(
@@ -252,7 +274,7 @@ class GANTrainer:
             real = self._prepare_real(real, alpha, fading)
             n = real.shape[0]
             with torch.no_grad(), self._autocast():
-                fake = self.G(self._randn(n, self.cfg.model.latent_size), level, alpha)
+                fake = self.G_fast(self._randn(n, self.cfg.model.latent_size), level, net_alpha)
             fake = self._to_memory_format(fake.float())
             mix = self._rand(n)
             real_target, fake_target = self._label_targets(n)
@@ -261,7 +283,7 @@ class GANTrainer:
                     self._noisy(real),
                     self._noisy(fake),
                     level,
-                    alpha,
+                    net_alpha,
                     mix,
                     real_target,
                     fake_target,
@@ -281,8 +303,9 @@ class GANTrainer:
         with self._d_frozen():
             for _ in range(t.g_steps):
                 with self._autocast():
-                    fake = self.G_train(self._randn(n, self.cfg.model.latent_size), level, alpha)
-                    d_fake = self.D(self._noisy(self._to_memory_format(fake)), level, alpha)
+                    z = self._randn(n, self.cfg.model.latent_size)
+                    fake = self._to_memory_format(self.G_train(z, level, net_alpha))
+                    d_fake = self.D_fast(self._noisy(fake), level, net_alpha)
                     g_loss = generator_loss(t, d_fake).mean()
                 monitor.observe("g_loss", g_loss, self.images_shown)
                 self.opt_g.zero_grad(set_to_none=True)
@@ -324,7 +347,8 @@ class GANTrainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a `state_dict`; the model section of the config must match."""
         mine = self.cfg.model.model_dump(mode="json")
-        theirs = state["config"]["model"]
+        # validated: keys added since the checkpoint was written take their defaults
+        theirs = ModelConfig.model_validate(state["config"]["model"]).model_dump(mode="json")
         diff = sorted(k for k in mine if mine[k] != theirs.get(k))
         if diff:
             detail = ", ".join(

@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from progan.config import ModelConfig
-from progan.layers import downsample, upsample
+from progan.layers import (
+    EqualizedConv2d,
+    conv_downsample,
+    downsample,
+    lrelu,
+    upsample,
+    upsample_conv,
+)
 from progan.networks import Discriminator, Generator, channels, fade_in_real
 
 TINY = ModelConfig(resolution=32, latent_size=16, fmap_base=128, fmap_max=32)
@@ -87,3 +94,34 @@ def test_growing_keeps_layers_and_trains_only_the_phase_path():
     g.set_trainable(2, fading=False)
     assert not g.to_rgb[1].weight.requires_grad
     assert {name: id(p) for name, p in g.named_parameters()} == before
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_resampling_convs_equal_resample_then_conv(channels_last):
+    torch.manual_seed(0)
+    conv = EqualizedConv2d(6, 5, 3)
+    torch.nn.init.normal_(conv.bias)
+    x = torch.randn(3, 6, 8, 8)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(upsample_conv(conv, x), conv(upsample(x)), rtol=0, atol=1e-5)
+    torch.testing.assert_close(conv_downsample(conv, x), downsample(conv(x)), rtol=0, atol=1e-5)
+
+
+def test_fused_scale_generator_equals_the_unfused_one_and_d_follows_the_official_order():
+    torch.manual_seed(0)
+    g, d = Generator(TINY), Discriminator(TINY)
+    fused_cfg = TINY.model_copy(update={"fused_scale": True})
+    g_fused, d_fused = Generator(fused_cfg), Discriminator(fused_cfg)
+    g_fused.load_state_dict(g.state_dict())  # the same parameters, keys and shapes
+    d_fused.load_state_dict(d.state_dict())
+    z = torch.randn(4, 16)
+    for level in range(4):
+        for alpha in (0.3, 1.0):
+            torch.testing.assert_close(
+                g_fused(z, level, alpha), g(z, level, alpha), atol=1e-5, rtol=0
+            )
+    # D: conv + pool fused, then leaky ReLU (official fused_scale), i.e. this composition
+    block, x = d.blocks[1], torch.randn(4, 16, 16, 16)
+    expected = lrelu(downsample(block.conv1(lrelu(block.conv0(x)))))
+    torch.testing.assert_close(d_fused.blocks[1](x), expected, atol=1e-5, rtol=0)
