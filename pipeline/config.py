@@ -37,6 +37,12 @@ class DataConfig(StrictModel):
     sample_faces: int = Field(300, ge=8, description="images made for the built-in sample")
     prepare: dict[str, Any] = Field(default_factory=dict, description="prepare options")
     loader_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank")
+    preload_mb: float = Field(
+        1024,
+        ge=0,
+        description="a resolution's images up to this size are loaded once onto each "
+        "worker's device (GPU memory, or RAM on a CPU) and batches gathered there; 0: stream",
+    )
 
 
 class ScalingSection(StrictModel):

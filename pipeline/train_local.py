@@ -67,6 +67,7 @@ RESUMABLE_CHANGES = (
     "eval.",
     "run.",
     "data.loader_workers",
+    "data.preload_mb",
     "train.compile",
     "train.cuda_graphs",
     "data.source",
@@ -270,6 +271,7 @@ class LocalRun:
             log_every_images=self.log_every,
             checkpoint_every_images=max(1, round(cfg.run.checkpoint_every_kimg * 1000)),
             num_workers=cfg.data.loader_workers,
+            preload_bytes=round(cfg.data.preload_mb * 2**20),
         )
         dataset = LmdbImageDataset(cfg.data.dataset, phase.resolution)
         self.segment = (phase, time.perf_counter())

@@ -152,6 +152,7 @@ def phase_worker(config: dict[str, Any]) -> None:
         log_every_images=max(1, round(cfg.run.log_every_kimg * 1000)),
         checkpoint_every_images=max(1, round(cfg.run.checkpoint_every_kimg * 1000)),
         num_workers=cfg.data.loader_workers,
+        preload_bytes=round(cfg.data.preload_mb * 2**20),
     )
     try:
         run_phase(trainer, dataset, phase, options, on_stats, on_checkpoint)

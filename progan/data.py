@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 
 class PositionSampler(Sampler[list[int]]):
@@ -67,3 +67,34 @@ class PositionSampler(Sampler[list[int]]):
         while True:
             yield self.indices_at(position)
             position += self.batch
+
+    def index_tensors(self) -> Iterator[torch.Tensor]:
+        """The same batches as `__iter__`, as int64 CPU tensors."""
+        position = self.start
+        while True:
+            yield self.index_tensor(position)
+            position += self.batch
+
+
+def level_bytes(dataset: Dataset) -> int:
+    """Bytes of every image of `dataset` held at once (its first image's size times its length)."""
+    first = dataset[0]
+    return len(dataset) * first.numel() * first.element_size()
+
+
+def load_level(dataset: Dataset, device: torch.device, num_workers: int = 0) -> torch.Tensor:
+    """Every image of `dataset` stacked into one tensor on `device`, read once in order."""
+    loader = DataLoader(dataset, batch_size=256, num_workers=num_workers)
+    parts = [batch.to(device) for batch in loader]
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def gathered_batches(images: torch.Tensor, sampler: PositionSampler) -> Iterator[torch.Tensor]:
+    """`sampler`'s batches gathered from `images` where they lie (no copy through the host).
+
+    On CUDA each index tensor goes up through pinned memory without waiting for the device.
+    """
+    for indices in sampler.index_tensors():
+        if images.device.type == "cuda":
+            indices = indices.pin_memory().to(images.device, non_blocking=True)
+        yield images.index_select(0, indices)

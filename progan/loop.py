@@ -8,12 +8,13 @@ this stays plain PyTorch.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import torch
 from torch.utils.data import DataLoader, Dataset
 
-from progan.data import PositionSampler
+from progan.data import PositionSampler, gathered_batches, level_bytes, load_level
 from progan.schedule import Phase
 from progan.trainer import GANTrainer
 
@@ -30,13 +31,12 @@ class LoopOptions:
     checkpoint_every_images: int = 10_000
     num_workers: int = 0
     stop_at_images: int | None = None  # stop early (tests, time-boxed runs)
+    preload_bytes: int = 0  # a level up to this size is loaded once onto the device
 
 
-def make_loader(
-    dataset: Dataset, phase: Phase, trainer: GANTrainer, num_workers: int = 0
-) -> DataLoader:
-    """A DataLoader whose order continues exactly from the trainer's images shown."""
-    sampler = PositionSampler(
+def phase_sampler(dataset: Dataset, phase: Phase, trainer: GANTrainer) -> PositionSampler:
+    """The data order of `phase` on this rank, continuing from the trainer's images shown."""
+    return PositionSampler(
         len(dataset),
         phase.batch_size,
         start_images=trainer.images_shown,
@@ -44,13 +44,34 @@ def make_loader(
         world_size=trainer.world_size,
         seed=trainer.cfg.train.seed,
     )
+
+
+def make_loader(
+    dataset: Dataset, phase: Phase, trainer: GANTrainer, num_workers: int = 0
+) -> DataLoader:
+    """A DataLoader whose order continues exactly from the trainer's images shown."""
     return DataLoader(
         dataset,
-        batch_sampler=sampler,
+        batch_sampler=phase_sampler(dataset, phase, trainer),
         num_workers=num_workers,
         pin_memory=trainer.device.type == "cuda",
         persistent_workers=False,
     )
+
+
+def phase_batches(
+    dataset: Dataset, phase: Phase, trainer: GANTrainer, options: LoopOptions
+) -> Iterator[torch.Tensor]:
+    """This rank's batches of `phase` in `PositionSampler` order, from the trainer's position.
+
+    A level of at most `options.preload_bytes` is read once onto the training device (GPU
+    memory, or RAM on a CPU) and batches are gathered there; a larger one streams through
+    a DataLoader. Both give the same batches.
+    """
+    if options.preload_bytes and level_bytes(dataset) <= options.preload_bytes:
+        images = load_level(dataset, trainer.device, options.num_workers)
+        return gathered_batches(images, phase_sampler(dataset, phase, trainer))
+    return iter(make_loader(dataset, phase, trainer, options.num_workers))
 
 
 def crossed(before: int, after: int, every: int) -> bool:
@@ -82,7 +103,7 @@ def run_phase(
     stats: dict[str, float] = {}
     if trainer.images_shown >= end:
         return stats
-    batches = iter(make_loader(dataset, phase, trainer, options.num_workers))
+    batches = phase_batches(dataset, phase, trainer, options)
     n_critic = trainer.cfg.train.n_critic
     clock, clock_images = time.perf_counter(), trainer.images_shown
     while trainer.images_shown < end:

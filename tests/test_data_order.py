@@ -1,8 +1,12 @@
 """Data order is a function of images shown: resumable anywhere, full disjoint rank shares."""
 
 import pytest
+import torch
 
 from progan.data import PositionSampler
+from progan.loop import LoopOptions, phase_batches, run_phase
+from progan.trainer import GANTrainer
+from tests.helpers import TensorImages, tiny_config, torch_threads
 
 
 def take(sampler, k):
@@ -42,3 +46,30 @@ def test_vectorised_indices_equal_the_per_sample_loop(n, batch, world):
         sampler = PositionSampler(n, batch, rank=rank, world_size=world, seed=5)
         for shown in range(0, 6 * max(n, batch), batch):
             assert sampler.indices_at(shown) == per_sample_loop(sampler, shown), (rank, shown)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_preloaded_level_gives_the_loaders_batches_and_the_same_training(rank):
+    g = torch.Generator().manual_seed(0)
+    dataset = TensorImages(torch.randint(0, 256, (12, 3, 4, 4), generator=g, dtype=torch.uint8))
+    trainer = GANTrainer(tiny_config(), rank=rank, world_size=2)
+    trainer.images_shown = 24  # resumed mid-phase: the order continues from here
+    phase = trainer.plan[0]
+    streamed = phase_batches(dataset, phase, trainer, LoopOptions())
+    preloaded = phase_batches(dataset, phase, trainer, LoopOptions(preload_bytes=12 * 48))
+    too_big = phase_batches(dataset, phase, trainer, LoopOptions(preload_bytes=12 * 48 - 1))
+    assert isinstance(too_big, type(streamed)) and not isinstance(preloaded, type(streamed))
+    for _ in range(7):  # across epoch ends (12 images, 4 per rank and step)
+        assert torch.equal(next(preloaded), next(streamed))
+
+
+def test_training_on_a_preloaded_level_equals_training_on_the_loader():
+    g = torch.Generator().manual_seed(1)
+    dataset = TensorImages(torch.randint(0, 256, (20, 3, 4, 4), generator=g, dtype=torch.uint8))
+    with torch_threads(1):
+        trainers = [GANTrainer(tiny_config()) for _ in range(2)]
+        for trainer, budget in zip(trainers, (0, 10**6), strict=True):
+            options = LoopOptions(stop_at_images=40, preload_bytes=budget)
+            run_phase(trainer, dataset, trainer.plan[0], options)
+    for a, b in zip(trainers[0].D.parameters(), trainers[1].D.parameters(), strict=True):
+        assert torch.equal(a, b)
