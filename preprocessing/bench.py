@@ -2,12 +2,14 @@
 
 Reports images/s for decode, detect, align+pyramid and record encode + LMDB write measured
 separately in this process (one thread), end-to-end prepare with 1 and 2 Ray workers
-(scaling ratio), and LMDB read throughput in random order, raw vs PNG records.
+(scaling ratio; `--prepare-only` for just these, with the machine's load average), the
+merge time, and LMDB read throughput in random order, raw vs PNG records.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import tempfile
 import time
@@ -61,7 +63,7 @@ def stage_rates(source, n: int, resolution: int) -> list[tuple[str, str]]:
         with tempfile.TemporaryDirectory() as tmp:
             writer = LmdbWriter(tmp, resolutions_down_to_4(resolution))
             t = time.perf_counter()
-            writer.put(records)
+            writer.append(records)
             writer.close()
             t_write = time.perf_counter() - t
         size = sum(len(v) for _, p in records for v in p.values()) / len(records)
@@ -71,7 +73,13 @@ def stage_rates(source, n: int, resolution: int) -> list[tuple[str, str]]:
     return rows
 
 
-def prepare_rates(source, n: int, resolution: int) -> tuple[list[tuple[str, str]], dict]:
+def _load() -> str:
+    return "load " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def prepare_rates(
+    source, n: int, resolution: int, encodings=("raw", "png")
+) -> tuple[list[tuple[str, str]], dict]:
     """End-to-end prepare over n images with 1 and 2 Ray workers; returns rows and outputs."""
     import ray
 
@@ -81,18 +89,65 @@ def prepare_rates(source, n: int, resolution: int) -> tuple[list[tuple[str, str]
     rows, outs, rates = [], {}, {}
     tmp = Path(tempfile.mkdtemp(prefix="progan-bench-"))
     for workers in (1, 2):
-        for encoding in ("raw", "png") if workers == 2 else ("raw",):
+        for encoding in encodings if workers == 2 else ("raw",):
             out = tmp / f"w{workers}-{encoding}"
+            before = _load()
             s = prepare_dataset(source.limited(n), out, resolution, workers=workers,
                                 record_format=encoding, shard_size=64)  # fmt: skip
             rates[(workers, encoding)] = s.inputs / s.elapsed_s
-            rows.append((f"prepare end-to-end, {workers} worker(s), {encoding}",
+            merge = s.timings.get("merge (wall)", 0.0)
+            rows.append((f"prepare end-to-end, {workers} worker(s), {encoding} "
+                         f"({s.elapsed_s:.0f} s, merge {merge:.1f} s; {before} -> {_load()})",
                          _rate(s.inputs, s.elapsed_s)))  # fmt: skip
             outs[encoding] = out
     ray.shutdown()
     ratio = rates[(2, "raw")] / rates[(1, "raw")]
     rows.append(("scaling 2 workers / 1 worker", f"{ratio:.2f}x"))
     return rows, outs
+
+
+def mtcnn_actor_rates(source, n: int, actors: list[int]) -> list[tuple[str, str]]:
+    """MTCNN images/s with k concurrent Ray actors sharing the GPU(s) (1/k GPU each; on CPU
+    when Ray has no GPU), on n images upscaled to CelebA's full 178x218, batch 32."""
+    import numpy as np
+    import ray
+    from PIL import Image
+
+    from preprocessing.decode import decode_image
+    from preprocessing.detect import FaceDetector
+
+    images = [
+        np.asarray(Image.fromarray(decode_image(source.read(k))).resize((178, 218)))
+        for k in source.keys[:n]
+    ]
+    ray.init(include_dashboard=False, log_to_driver=False)
+    gpus = ray.cluster_resources().get("GPU", 0)
+
+    @ray.remote
+    class Detect:
+        def __init__(self) -> None:
+            self.detector = FaceDetector(batch_size=32)
+
+        def run(self, batch: list) -> int:
+            self.detector.detect(batch)
+            return len(batch)
+
+    rows = []
+    for k in actors:
+        opts = {"num_gpus": gpus / k} if gpus else {"num_cpus": 1}
+        pool = [Detect.options(**opts).remote() for _ in range(k)]
+        ray.get([a.run.remote(images[:32]) for a in pool])  # load + warm up
+        chunks = [images[i : i + 32] for i in range(0, len(images), 32)]
+        t = time.perf_counter()
+        done = sum(ray.get([pool[i % k].run.remote(c) for i, c in enumerate(chunks)]))
+        where = f"{gpus:g} GPU(s)" if gpus else "CPU"
+        rows.append(
+            (f"MTCNN 178x218, {k} actor(s) on {where}", _rate(done, time.perf_counter() - t))
+        )
+        for a in pool:
+            ray.kill(a)
+    ray.shutdown()
+    return rows
 
 
 def read_rates(outs: dict, resolution: int, reads: int = 20000) -> list[tuple[str, str]]:
@@ -127,14 +182,28 @@ def main() -> None:
     parser.add_argument("--source", default=None, help="default: generated sample faces")
     parser.add_argument("-n", type=int, default=512, help="images per measurement")
     parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument(
+        "--mtcnn-actors",
+        default=None,
+        help="only MTCNN throughput for these concurrent actor counts, e.g. 1,4,8",
+    )
+    parser.add_argument(
+        "--prepare-only", action="store_true", help="only end-to-end prepare, raw, 1 vs 2 workers"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.source is None:
         args.source = make_sample_faces(tempfile.mkdtemp(prefix="progan-faces-"), n=args.n)
     source = open_source(args.source)
-    rows = stage_rates(source, args.n, args.resolution)
-    prep_rows, outs = prepare_rates(source, args.n, args.resolution)
-    rows += prep_rows + read_rates(outs, args.resolution)
+    if args.mtcnn_actors:
+        actors = [int(k) for k in args.mtcnn_actors.split(",")]
+        rows = mtcnn_actor_rates(source, args.n, actors)
+    elif args.prepare_only:
+        rows, _ = prepare_rates(source, args.n, args.resolution, encodings=("raw",))
+    else:
+        rows = stage_rates(source, args.n, args.resolution)
+        prep_rows, outs = prepare_rates(source, args.n, args.resolution)
+        rows += prep_rows + read_rates(outs, args.resolution)
     print(f"source: {args.source}, n={args.n}, resolution={args.resolution}\n")
     print("| measurement | throughput |\n| --- | --- |")
     for name, value in rows:

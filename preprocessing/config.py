@@ -13,6 +13,11 @@ class ConfigError(ValueError):
     """A bad configuration value; the message is one line naming the key."""
 
 
+class PrepareError(RuntimeError):
+    """A prepare run cannot go ahead or did not finish (output holds something else, config
+    or source changed, a wait timed out); the message is one line."""
+
+
 class PrepareConfig(BaseModel):
     """Everything that decides what the prepared dataset contains (hashed into its fingerprint)."""
 

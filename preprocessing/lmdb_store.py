@@ -4,15 +4,17 @@ Layout of a prepared dataset directory::
 
     manifest.json        written last; its presence means the dataset is complete
     rejects.csv          every input that did not become a record, with its reason
+    keys/data.mdb        side table: ordinal -> record key (source key, `#<n>` per face)
     res-0004/data.mdb    one LMDB per resolution, 4 .. target
     ...
 
-Each LMDB maps a record key (the source key, with `#<n>` appended per face in multi-face
-mode) to one image, RGB, either `raw` (3*H*W bytes, channel-major, exactly the tensor
-layout) or `png`. Record `i` is the i-th key in byte order, so every resolution holds the
-same keys at the same indices. Writers are single-process; readers are read-only,
-lock-free, memory-mapped and opened lazily per process (safe for DataLoader workers and
-Ray processes).
+Records are keyed by ordinal: record `i` is stored under `ordinal_key(i)` (8 bytes,
+big-endian) in every resolution, so a reader opens in O(1) (no key enumeration) and reads
+record `i` with one lookup. Records follow the sorted source keys (faces of one photo
+largest first). Each value
+is one image, RGB, either `raw` (3*H*W bytes, channel-major, exactly the tensor layout) or
+`png`. Writers append in order, one process per LMDB; readers are read-only, lock-free,
+memory-mapped and opened lazily per process (safe for DataLoader workers and Ray processes).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import struct
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -31,13 +34,33 @@ import torch
 from PIL import Image
 
 MANIFEST = "manifest.json"
+KEYS_DIR = "keys"
 ENCODINGS = ("raw", "png")
-MAX_KEY_BYTES = 500  # LMDB's default key limit is 511 bytes
+#: `record_format.key_order` of datasets written by this code; older datasets lack it.
+ORDINAL_KEY_ORDER = "ordinal: record i under 8-byte big-endian i; record keys in keys/"
 
 
 def resolution_dir(dataset_dir: str | os.PathLike, resolution: int) -> Path:
     """`<dataset_dir>/res-0004`, `res-0008`, ... for one resolution."""
     return Path(dataset_dir) / f"res-{resolution:04d}"
+
+
+def keys_dir(dataset_dir: str | os.PathLike) -> Path:
+    """`<dataset_dir>/keys`: the side table ordinal -> record key."""
+    return Path(dataset_dir) / KEYS_DIR
+
+
+def ordinal_key(index: int) -> bytes:
+    """LMDB key of record `index`: 8 bytes big-endian, so byte order = index order."""
+    return struct.pack(">Q", index)
+
+
+def record_format(encoding: str) -> dict[str, str]:
+    """The manifest's `record_format` entry for records written by this module."""
+    if encoding not in ENCODINGS:
+        raise ValueError(f"unknown record encoding {encoding!r}; expected one of {ENCODINGS}")
+    layout = "RGB uint8, channel-major [3, H, W]" if encoding == "raw" else "PNG, RGB"
+    return {"encoding": encoding, "layout": layout, "key_order": ORDINAL_KEY_ORDER}
 
 
 def encode_record(image: np.ndarray, encoding: str) -> bytes:
@@ -62,43 +85,63 @@ def decode_record(value: bytes | memoryview, encoding: str, resolution: int) -> 
     return torch.from_numpy(arr.transpose(2, 0, 1).copy())
 
 
-def record_key(key: str) -> bytes:
-    """LMDB key bytes for a record key; ValueError when too long for LMDB."""
-    raw = key.encode("utf-8", "surrogateescape")
-    if len(raw) > MAX_KEY_BYTES:
-        raise ValueError(f"key longer than {MAX_KEY_BYTES} bytes")
-    return raw
+def _open_for_writing(path: Path, map_size: int) -> lmdb.Environment:
+    close_readers([path])
+    path.mkdir(parents=True, exist_ok=True)
+    return lmdb.open(str(path), map_size=map_size, readahead=False, meminit=False, max_dbs=0)
+
+
+def _append(env: lmdb.Environment, items: list[tuple[bytes, bytes]]) -> None:
+    """Append (key, value) pairs in key order in one transaction, growing the map if full."""
+    while True:
+        try:
+            with env.begin(write=True) as txn:
+                for k, v in items:
+                    if not txn.put(k, v, append=True, overwrite=False):
+                        raise ValueError(f"record {k.hex()} exists already")
+            return
+        except lmdb.MapFullError:
+            env.set_mapsize(env.info()["map_size"] * 2)
 
 
 class LmdbWriter:
-    """Puts records into the per-resolution LMDBs; one writer process at a time.
+    """Appends records, in their final order, to the per-resolution LMDBs and the key table.
 
-    Puts are idempotent (same key, same bytes overwrite), so a shard redone after a crash
-    leaves no duplicates. The map grows automatically when full.
+    `append(records)` gives the next ordinals to `records` ((record key, {resolution:
+    bytes}) pairs) in the order given (prepare: source-key order, faces largest first).
+    With `keys=False` only the resolutions are written, so one writer per resolution may
+    run in parallel (one of them with the key table). Only for writing a fresh dataset; one
+    writer process per LMDB. The map grows automatically when full.
     """
 
-    def __init__(self, dataset_dir: str | os.PathLike, resolutions: Iterable[int]) -> None:
-        self.envs: dict[int, lmdb.Environment] = {}
-        for res in resolutions:
-            path = resolution_dir(dataset_dir, res)
-            close_readers([path])
-            path.mkdir(parents=True, exist_ok=True)
-            self.envs[res] = lmdb.open(
-                str(path), map_size=1 << 28, readahead=False, meminit=False, max_dbs=0
-            )
+    def __init__(
+        self,
+        dataset_dir: str | os.PathLike,
+        resolutions: Iterable[int],
+        *,
+        keys: bool = True,
+        map_size: int = 1 << 28,
+    ) -> None:
+        self.envs: dict[int, lmdb.Environment] = {
+            res: _open_for_writing(resolution_dir(dataset_dir, res), map_size)
+            for res in resolutions
+        }
+        self.keys = _open_for_writing(keys_dir(dataset_dir), 1 << 24) if keys else None
+        self.next = min((e.stat()["entries"] for e in self.envs.values()), default=0)
 
-    def put(self, records: list[tuple[str, dict[int, bytes]]]) -> None:
-        """Write records ({resolution: bytes} per key), one transaction per resolution."""
+    def append(self, records: list[tuple[str, dict[int, bytes]]]) -> None:
+        """Write records as ordinals next, next+1, ...; one transaction per LMDB."""
+        if not records:
+            return
+        names = [k for k, _ in records]
+        ordinals = [ordinal_key(self.next + i) for i in range(len(records))]
         for res, env in self.envs.items():
-            items = [(record_key(k), payloads[res]) for k, payloads in records]
-            while True:
-                try:
-                    with env.begin(write=True) as txn:
-                        for k, v in items:
-                            txn.put(k, v)
-                    break
-                except lmdb.MapFullError:
-                    env.set_mapsize(env.info()["map_size"] * 2)
+            values = [payloads[res] for _, payloads in records]
+            _append(env, list(zip(ordinals, values, strict=True)))
+        if self.keys is not None:
+            encoded = [k.encode("utf-8", "surrogateescape") for k in names]
+            _append(self.keys, list(zip(ordinals, encoded, strict=True)))
+        self.next += len(records)
 
     def counts(self) -> dict[int, int]:
         """Number of records per resolution."""
@@ -106,10 +149,11 @@ class LmdbWriter:
 
     def close(self) -> None:
         """Flush and close every LMDB."""
-        for env in self.envs.values():
+        for env in [*self.envs.values(), *([self.keys] if self.keys is not None else [])]:
             env.sync(True)
             env.close()
         self.envs.clear()
+        self.keys = None
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any, **dumps: Any) -> Path:
@@ -177,8 +221,9 @@ def close_readers(paths: Iterable[Path]) -> None:
 
 
 class LmdbImageDataset(torch.utils.data.Dataset):
-    """Records of one resolution as torch.uint8 tensors [3, H, W], in key order.
+    """Records of one resolution as torch.uint8 tensors [3, H, W], in record order.
 
+    Opens in O(1): the length comes from the manifest, record `i` is one keyed lookup.
     Picklable: the LMDB is opened on first use in each process (and reopened after a fork).
     """
 
@@ -188,41 +233,52 @@ class LmdbImageDataset(torch.utils.data.Dataset):
             raise ValueError(
                 f"{dataset_dir} has no resolution {resolution}; it has {manifest['resolutions']}"
             )
+        fmt = manifest.get("record_format", {})
+        if fmt.get("key_order") != ORDINAL_KEY_ORDER:
+            raise ValueError(
+                f"{dataset_dir} was written by an older `progan prepare` (records keyed by "
+                "name); re-run `progan prepare SOURCE "
+                f"{dataset_dir} --resolution {max(manifest['resolutions'])} --force`"
+            )
         self.path = resolution_dir(dataset_dir, resolution).resolve()
+        self.keys_path = keys_dir(dataset_dir).resolve()
         self.resolution = resolution
-        self.encoding = manifest["record_format"]["encoding"]
+        self.encoding = fmt["encoding"]
         self.length = int(manifest["counts"][str(resolution)])
         self._env: lmdb.Environment | None = None
-        self._keys: list[bytes] | None = None
         self._pid: int | None = None
 
     def _open(self) -> lmdb.Environment:
         env = open_reader(self.path)  # shared per process; a dict lookup after the first call
         if env is not self._env or self._pid != os.getpid():
             self._env, self._pid = env, os.getpid()
-            with env.begin() as txn:
-                self._keys = list(txn.cursor().iternext(keys=True, values=False))
-            if len(self._keys) != self.length:
+            entries = env.stat()["entries"]
+            if entries != self.length:
                 raise RuntimeError(
-                    f"{self.path} holds {len(self._keys)} records, manifest says {self.length}"
+                    f"{self.path} holds {entries} records, manifest says {self.length}"
                 )
         return env
 
     def __len__(self) -> int:
         return self.length
 
+    def _check(self, i: int) -> int:
+        if not 0 <= i < self.length:
+            raise IndexError(f"record {i} out of range 0..{self.length - 1}")
+        return i
+
     def key(self, i: int) -> str:
         """The record key of index i (source path, `#n` per face in multi-face mode)."""
-        self._open()
-        return self._keys[i].decode("utf-8", "surrogateescape")
+        with open_reader(self.keys_path).begin() as txn:
+            return txn.get(ordinal_key(self._check(i))).decode("utf-8", "surrogateescape")
 
     def __getitem__(self, i: int) -> torch.Tensor:
         env = self._open()
         with env.begin(buffers=True) as txn:
-            value = txn.get(self._keys[i])
+            value = txn.get(ordinal_key(self._check(int(i))))
             return decode_record(value, self.encoding, self.resolution)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state.update(_env=None, _keys=None, _pid=None)
+        state.update(_env=None, _pid=None)
         return state

@@ -1,11 +1,13 @@
-"""`prepare_dataset`: the Ray fan-out that turns a source into a finished dataset directory.
+"""`prepare_dataset`: turn a source into a finished dataset directory on Ray Data.
 
-The source is cut into fixed shards of `shard_size` keys (sorted order). The driver reads
-each shard's bytes and hands them to a Ray actor (one MTCNN each, fractional GPU when the
-cluster has GPUs); results come back to the driver, the only writer, which puts them into
-the LMDBs and then marks the shard done in `_progress/`. Because puts are keyed and
-shards fixed, a run killed at any point and rerun redoes only unfinished shards and ends
-with exactly the records of an uninterrupted run. The manifest is written last.
+The driver lists the source (names only: locally when it sees the source, else in a Ray
+task on the cluster), checks the request against the cluster's resources, and cuts the
+sorted keys into fixed shards of `shard_size`. Ray Data workers read, decode, detect,
+crop and write each shard's records to their own shard file (`ray_stages`); then one task
+per resolution merges the shard files into the LMDB the trainer reads (`merge`), and the
+driver writes rejects.csv and the manifest. A shard file exists only complete, so a run
+killed anywhere and rerun redoes only the shards without one and ends with exactly the
+bytes of an uninterrupted run. Every wait is bounded by `timeout_s`.
 """
 
 from __future__ import annotations
@@ -16,31 +18,40 @@ import os
 import platform
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from preprocessing.config import PrepareConfig, make_config
+from preprocessing.config import PrepareConfig, PrepareError, make_config
 from preprocessing.lmdb_store import (
+    KEYS_DIR,
     MANIFEST,
-    LmdbWriter,
+    close_readers,
     read_manifest,
+    record_format,
     resolution_dir,
     write_json_atomic,
     write_manifest,
 )
-from preprocessing.process import ShardProcessor, ShardResult
 from preprocessing.pyramid import resolutions_down_to_4
 from preprocessing.rejects import Reject, summarize, write_csv
+from preprocessing.resources import WorkerPlan, plan_workers
+from preprocessing.runners import (
+    alive_node_resources,
+    ensure_ray,
+    list_remotely,
+    merge,
+    run_in_process,
+    run_shards,
+    shards_of,
+)
+from preprocessing.shard_file import PROGRESS, read_header, shard_path
 from preprocessing.sources import Source, open_source
 
-PROGRESS = "_progress"
+__all__ = ["PrepareError", "PrepareSummary", "dataset_fingerprint", "prepare_dataset"]
+
 REJECTS_CSV = "rejects.csv"
-FORMAT_VERSION = 1
-
-
-class PrepareError(RuntimeError):
-    """The run cannot go ahead (output holds something else, config or source changed)."""
+FORMAT_VERSION = 2  # 2: records keyed by ordinal, record keys in keys/
+DEFAULT_TIMEOUT_S = 1800.0
 
 
 @dataclass
@@ -60,6 +71,7 @@ class PrepareSummary:
     elapsed_s: float = 0.0
     nodes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    plan: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         """Plain dict (for JSON and tables)."""
@@ -96,10 +108,15 @@ def _describe_change(old: dict, source: Source, config: PrepareConfig) -> str:
     return "; ".join(changes) or "format version differs"
 
 
+def _close_own_readers(out: Path) -> None:
+    """Close this process's cached readers of `out` before its LMDBs are replaced (a reader
+    left open on a deleted file would make its reused inode look "already open")."""
+    close_readers([*out.glob("res-*"), out / KEYS_DIR])
+
+
 def _owned_paths(out: Path) -> list[Path]:
-    return [p for p in out.iterdir() if p.name in (MANIFEST, REJECTS_CSV, PROGRESS)] + sorted(
-        out.glob("res-*")
-    )
+    names = (MANIFEST, REJECTS_CSV, PROGRESS, KEYS_DIR)
+    return [p for p in out.iterdir() if p.name in names] + sorted(out.glob("res-*"))
 
 
 def _check_output(out: Path, run: dict, source: Source, config: PrepareConfig, force: bool):
@@ -114,6 +131,7 @@ def _check_output(out: Path, run: dict, source: Source, config: PrepareConfig, f
     elif any(out.iterdir()) and not force:
         raise PrepareError(f"{out} is not empty and is not a prepared dataset; refusing to write")
     if force:
+        _close_own_readers(out)
         for path in _owned_paths(out):
             shutil.rmtree(path) if path.is_dir() else path.unlink()
         return None
@@ -126,191 +144,94 @@ def _check_output(out: Path, run: dict, source: Source, config: PrepareConfig, f
     return previous
 
 
-def _shards(keys: list[str], size: int) -> list[list[str]]:
-    return [keys[i : i + size] for i in range(0, len(keys), size)]
-
-
-def _read_items(source: Source, keys: list[str]) -> list[tuple[str, bytes | Reject]]:
-    items: list[tuple[str, bytes | Reject]] = []
-    for key in keys:
-        try:
-            items.append((key, source.read(key)))
-        except (OSError, KeyError) as exc:
-            items.append((key, Reject(key, "unreadable", f"{type(exc).__name__}: {exc}")))
-    return items
-
-
-def _shard_file(out: Path, shard: int) -> Path:
-    return out / PROGRESS / f"shard-{shard:06d}.json"
-
-
-def _ray_actor_class():
-    import ray
-
-    @ray.remote(max_restarts=2, max_task_retries=2)
-    class ShardWorker:
-        """A Ray actor holding one ShardProcessor (one MTCNN)."""
-
-        def __init__(self, config: PrepareConfig) -> None:
-            import torch
-
-            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
-            torch.set_num_threads(max(1, int(cpus)))
-            self.processor = ShardProcessor(config)
-            self.node_id = ray.get_runtime_context().get_node_id()
-
-        def run(self, shard: int, items: list) -> ShardResult:
-            result = self.processor.run(shard, items)
-            result.node_id = self.node_id
-            return result
-
-    return ShardWorker
-
-
-def _run_shards(
-    source: Source,
-    config: PrepareConfig,
-    out: Path,
-    pending: list[tuple[int, list[str]]],
-    workers: int | None,
-    address: str | None,
-    on_result: Callable[[ShardResult, int], None],
-) -> None:
-    import ray
-
-    started = False
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
-        started = True
-    try:
-        resources = ray.cluster_resources()
-        cpus = int(resources.get("CPU", 1))
-        n = max(1, min(workers or cpus, cpus, len(pending)))
-        gpus = resources.get("GPU", 0)
-        options = {"num_cpus": 1}
-        if gpus:
-            options["num_gpus"] = min(1.0, gpus / n)
-        actor_cls = _ray_actor_class()
-        actors = [actor_cls.options(**options).remote(config) for _ in range(n)]
-        queue = list(pending)
-        in_flight: dict = {}
-        idle = list(actors) * 2  # two shards per actor: one running, one queued
-
-        while queue or in_flight:
-            while queue and idle:
-                shard, keys = queue.pop(0)
-                actor = idle.pop(0)
-                ref = actor.run.remote(shard, _read_items(source, keys))
-                in_flight[ref] = (actor, len(keys))
-            done, _ = ray.wait(list(in_flight), num_returns=1)
-            actor, n_items = in_flight.pop(done[0])
-            idle.append(actor)
-            on_result(ray.get(done[0]), n_items)
-        for actor in actors:
-            ray.kill(actor)
-    finally:
-        if started:
-            ray.shutdown()
-
-
 def prepare_dataset(
     source: str | os.PathLike | Source,
     out_dir: str | os.PathLike,
     resolution: int,
     *,
     workers: int | None = None,
+    gpus_per_worker: float | None = None,
     detector: str = "mtcnn",
     force: bool = False,
     address: str | None = None,
     progress: bool = False,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
     **options,
 ) -> PrepareSummary:
     """Prepare (or resume, or confirm) the dataset for `source` in `out_dir`.
 
     `options` are further PrepareConfig fields (crop, margin, min_face_size, min_prob,
-    multi_face, record_format, shard_size, limit, ...). Uses the running Ray if there is
-    one, else starts one (`address` to join a cluster). Raises ConfigError for bad values,
-    SourceError for an unusable source and PrepareError when `out_dir` holds another dataset.
+    multi_face, record_format, shard_size, limit, ...). `workers` MTCNN actors with
+    `gpus_per_worker` GPU each (see `resources.plan_workers`). Uses the running Ray if there
+    is one, else starts one (`address` to join a cluster). `timeout_s` bounds every wait
+    (listing, actor start, no shard finishing, a merge). Raises ConfigError for bad values,
+    SourceError for an unusable source, ResourceError for an unschedulable request and
+    PrepareError when `out_dir` holds another dataset or a wait timed out.
     """
     t_start = time.perf_counter()
     config = make_config(resolution=resolution, detector=detector, **options)
-    src = open_source(source).limited(config.limit)
-    out = Path(out_dir)
-    resolutions = resolutions_down_to_4(config.resolution)
-    run = {
-        "fingerprint": dataset_fingerprint(src, config),
-        "source_fingerprint": src.fingerprint,
-        "config": config.model_dump(mode="json"),
-    }
-    previous = _check_output(out, run, src, config, force)
-    if previous is not None and (out / MANIFEST).is_file():
-        return _summary_from_manifest(out, previous, time.perf_counter() - t_start)
-
-    (out / PROGRESS).mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / PROGRESS / "run.json", run, sort_keys=True)
-    shards = _shards(src.keys, config.shard_size)
-    pending = [(i, keys) for i, keys in enumerate(shards) if not _shard_file(out, i).is_file()]
-
-    writer = LmdbWriter(out, resolutions)
-    nodes: set[str] = set()
-    timings: dict[str, float] = {}
-    bar = _progress_bar(len(src.keys), len(src.keys) - sum(len(k) for _, k in pending), progress)
-    faces = rejected = 0
-
-    def on_result(result: ShardResult, n_items: int) -> None:
-        nonlocal faces, rejected
-        writer.put(result.records)
-        write_json_atomic(
-            _shard_file(out, result.shard),
-            {
-                "keys": [k for k, _ in result.records],
-                "rejects": [asdict(r) for r in result.rejects],
-            },
-            sort_keys=True,
-        )
-        nodes.add(result.node_id)
-        for stage, seconds in result.timings.items():
-            timings[stage] = timings.get(stage, 0.0) + seconds
-        faces += len(result.records)
-        rejected += len(result.rejects)
-        if bar is not None:
-            bar.set_postfix(faces=faces, rejected=rejected, refresh=False)
-            bar.update(n_items)
-
+    started_ray = False
     try:
-        if pending:
-            _run_shards(src, config, out, pending, workers, address, on_result)
-    finally:
-        if bar is not None:
-            bar.close()
-    counts = writer.counts()
-    writer.close()
+        if isinstance(source, Source) or Path(source).exists():
+            src = open_source(source)
+        else:  # only the cluster's nodes see it
+            started_ray = ensure_ray(address)
+            src = list_remotely(os.fspath(source), timeout_s)
+        src = src.limited(config.limit)
+        out = Path(out_dir)
+        resolutions = resolutions_down_to_4(config.resolution)
+        run = {
+            "fingerprint": dataset_fingerprint(src, config),
+            "source_fingerprint": src.fingerprint,
+            "config": config.model_dump(mode="json"),
+        }
+        previous = _check_output(out, run, src, config, force)
+        if previous is not None and (out / MANIFEST).is_file():
+            return _summary_from_manifest(out, previous, time.perf_counter() - t_start)
 
-    summary = _finalize(out, src, source, config, run, resolutions, counts)
+        shards = shards_of(src.keys, config.shard_size)
+        pending = [(i, k) for i, k in enumerate(shards) if not shard_path(out, i).is_file()]
+        (out / PROGRESS).mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / PROGRESS / "run.json", run, sort_keys=True)
+        in_process = len(shards) == 1 and address is None and not gpus_per_worker
+        plan = WorkerPlan(1, 0.0)
+        stats = {"nodes": set(), "timings": {}}
+        if not in_process:
+            started_ray = ensure_ray(address) or started_ray
+            plan = plan_workers(alive_node_resources(), workers, gpus_per_worker, len(pending))
+            if pending:
+                stats = run_shards(out, src, config, pending, plan, timeout_s, progress)
+        elif pending:
+            stats = run_in_process(out, src, config, pending)
+        t_merge = time.perf_counter()
+        _close_own_readers(out)
+        counts = merge(out, len(shards), resolutions, timeout_s, in_process)
+        merge_s = time.perf_counter() - t_merge
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+    summary = _finalize(out, src, source, config, run, resolutions, counts, len(shards))
+    shutil.rmtree(out / PROGRESS, ignore_errors=True)  # shard files: merged, no longer needed
     summary.resumed_shards = len(shards) - len(pending)
     summary.processed_shards = len(pending)
     summary.elapsed_s = time.perf_counter() - t_start
-    summary.nodes = sorted(nodes)
-    summary.timings = timings
+    summary.nodes = sorted(stats["nodes"])
+    summary.timings = {**stats["timings"], "merge (wall)": merge_s}
+    summary.plan = asdict(plan)
     return summary
 
 
-def _progress_bar(total: int, initial: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, unit="img", desc="prepare", dynamic_ncols=True)
-
-
-def _finalize(out, src, spec, config, run, resolutions, counts) -> PrepareSummary:
-    """Check the LMDBs against the shard logs, write rejects.csv and the manifest."""
+def _finalize(out, src, spec, config, run, resolutions, counts, shards) -> PrepareSummary:
+    """Check the LMDBs against the shard files, write rejects.csv and the manifest."""
     keys: list[str] = []
     rejects: list[Reject] = []
-    for shard in range(len(_shards(src.keys, config.shard_size))):
-        data = json.loads(_shard_file(out, shard).read_text(encoding="utf-8"))
-        keys.extend(data["keys"])
-        rejects.extend(Reject(**r) for r in data["rejects"])
+    for shard in range(shards):
+        header = read_header(shard_path(out, shard))
+        keys.extend(header["keys"])
+        rejects.extend(Reject(**r) for r in header["rejects"])
     for res in resolutions:
         if counts[res] != len(keys):
             raise PrepareError(
@@ -333,11 +254,7 @@ def _finalize(out, src, spec, config, run, resolutions, counts) -> PrepareSummar
         "resolutions": resolutions,
         "counts": {str(r): counts[r] for r in resolutions},
         "records": len(keys),
-        "record_format": {
-            "encoding": config.record_format,
-            "layout": "RGB uint8, channel-major [3, H, W]",
-            "key_order": "bytewise; record i is the i-th key",
-        },
+        "record_format": record_format(config.record_format),
         "rejects": {
             "total": len(rejects),
             "by_reason": summarize(rejects),

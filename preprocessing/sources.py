@@ -1,7 +1,9 @@
 """Image sources: a folder tree, a zip archive read in place, or a list file of paths.
 
 A source lists its entries once, in sorted order, as stable keys (the path relative to the
-source root, with forward slashes), and reads one entry's bytes on demand. Keys are what
+source root, with forward slashes), and reads one entry's bytes on demand. Workers read
+through a `SourceReader` (kind + root only) and each entry's location (a file path, or a
+zip member name), so they need neither the whole listing nor the driver. Keys are what
 reruns and resumes line up on; the fingerprint summarises the listing (names, sizes and, for
 zips, CRCs) so a changed source is noticed.
 """
@@ -28,20 +30,23 @@ class Source:
     keys: list[str]
     fingerprint: str
     _paths: dict[str, str] = field(default_factory=dict, repr=False)
-    _zip: zipfile.ZipFile | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.keys)
 
+    def location(self, key: str) -> str:
+        """Where one entry's bytes are: a file path, or the member name in the zip."""
+        if self.kind == "zip":
+            return key
+        return self._paths.get(key) or os.path.join(self.root, key)
+
+    def reader(self) -> SourceReader:
+        """A small picklable reader of this source's locations (for workers)."""
+        return SourceReader(self.kind, self.root)
+
     def read(self, key: str) -> bytes:
         """Bytes of one entry; raises OSError if it cannot be read (e.g. it vanished)."""
-        if self.kind == "zip":
-            if self._zip is None:
-                self._zip = zipfile.ZipFile(self.root)
-            return self._zip.read(key)
-        path = self._paths.get(key) or os.path.join(self.root, key)
-        with open(path, "rb") as fh:
-            return fh.read()
+        return self.reader().read(self.location(key))
 
     def limited(self, limit: int | None) -> Source:
         """The first `limit` keys of this source (all when None), with its own fingerprint."""
@@ -51,10 +56,30 @@ class Source:
         fp = _hash([self.fingerprint, f"limit={limit}"])
         return Source(self.kind, self.root, keys, fp, self._paths)
 
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_zip"] = None
-        return state
+
+@dataclass(frozen=True)
+class SourceReader:
+    """Reads entries by location; a zip is opened once per process and kept open."""
+
+    kind: str
+    root: str
+
+    def read(self, location: str) -> bytes:
+        """Bytes at `location`; OSError/KeyError if it cannot be read (e.g. it vanished)."""
+        if self.kind == "zip":
+            return _open_zip(self.root).read(location)
+        with open(location, "rb") as fh:
+            return fh.read()
+
+
+_ZIPS: dict[tuple[str, int], zipfile.ZipFile] = {}
+
+
+def _open_zip(path: str) -> zipfile.ZipFile:
+    key = (path, os.getpid())
+    if key not in _ZIPS:
+        _ZIPS[key] = zipfile.ZipFile(path)
+    return _ZIPS[key]
 
 
 def _hash(parts: list[str]) -> str:

@@ -102,3 +102,28 @@ def lmdb_contents(dataset_dir: Path, resolution: int) -> dict[bytes, bytes]:
         items = dict(txn.cursor().iternext())
     env.close()
     return items
+
+
+def assert_same_as_one_process(out: Path, photos: Path, resolution: int, **options) -> None:
+    """The dataset in `out` holds exactly what one process (no Ray) makes of `photos`: the
+    same source fingerprint, record keys in the same order, byte-equal records at every
+    resolution, the same rejects."""
+    from preprocessing.config import make_config
+    from preprocessing.lmdb_store import LmdbImageDataset, read_manifest
+    from preprocessing.process import ShardProcessor
+    from preprocessing.sources import open_source
+
+    source = open_source(photos)
+    config = make_config(resolution=resolution, **options)
+    items = [(k, source.location(k)) for k in source.keys]
+    expected = ShardProcessor(config, device="cpu").run(0, items, source.reader().read)
+    manifest = read_manifest(out)
+    assert manifest["source_fingerprint"] == source.fingerprint
+    ds = LmdbImageDataset(out, resolution)
+    assert [ds.key(i) for i in range(len(ds))] == [k for k, _ in expected.records]
+    for res in manifest["resolutions"]:
+        stored = list(lmdb_contents(out, res).values())
+        assert stored == [payloads[res] for _, payloads in expected.records], res
+    assert manifest["rejects"]["items"] == [
+        {"key": r.key, "reason": r.reason, "detail": r.detail} for r in expected.rejects
+    ]

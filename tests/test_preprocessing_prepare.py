@@ -84,12 +84,12 @@ def test_killed_run_resumes_to_the_same_bytes(local_ray, tmp_path):
     )
     progress = killed / "_progress"
     deadline = time.monotonic() + 120
-    while len(list(progress.glob("shard-*.json"))) < 3 and time.monotonic() < deadline:
+    while len(list(progress.glob("shard-*.bin"))) < 3 and time.monotonic() < deadline:
         assert proc.poll() is None, "prepare exited before it could be killed"
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
     proc.wait()
-    done = len(list(progress.glob("shard-*.json")))
+    done = len(list(progress.glob("shard-*.bin")))
     assert 3 <= done < 16 and not (killed / "manifest.json").exists()
 
     resumed = prepare_dataset(photos, killed, 32, shard_size=4)

@@ -21,12 +21,14 @@ from preprocessing.lmdb_store import (
     LmdbWriter,
     decode_record,
     encode_record,
+    ordinal_key,
+    record_format,
     write_manifest,
 )
-from preprocessing.prepare import _read_items
 from preprocessing.process import ShardProcessor
 from preprocessing.pyramid import build_pyramid
 from preprocessing.rejects import RejectError
+from preprocessing.resources import ResourceError, WorkerPlan, plan_workers
 from preprocessing.samples import make_sample_faces
 from preprocessing.sources import SourceError, open_source
 from tests.fixtures_preprocessing import (
@@ -84,7 +86,8 @@ def test_bad_inputs_get_their_reasons_from_the_code(tmp_path):
     source = open_source(folder)  # listed now ...
     (folder / "vanished.jpg").unlink()  # ... and gone when read
     config = make_config(resolution=32, min_face_size=64)
-    result = ShardProcessor(config, device="cpu").run(0, _read_items(source, source.keys))
+    items = [(k, source.location(k)) for k in source.keys]
+    result = ShardProcessor(config, device="cpu").run(0, items, source.reader().read)
     reasons = {r.key: r.reason for r in result.rejects}
     assert reasons == BAD
     assert set(reasons.values()) >= {"truncated", "empty", "animated", "too_large", "not_image"}
@@ -125,40 +128,54 @@ def test_pyramid_matches_average_pooling():
 def test_record_round_trip_and_dataset(tmp_path, encoding):
     rng = np.random.default_rng(1)
     images = {f"k{i}.jpg": rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for i in range(5)}
+    order = ["k3.jpg", "k0.jpg", "k4.jpg", "k1.jpg", "k2.jpg"]  # records keep the given order
     writer = LmdbWriter(tmp_path, [4, 8])
-    writer.put(
-        [
-            (k, {8: encode_record(a, encoding), 4: encode_record(a[::2, ::2], encoding)})
-            for k, a in images.items()
-        ]
-    )
+    records = [
+        (
+            k,
+            {
+                8: encode_record(images[k], encoding),
+                4: encode_record(images[k][::2, ::2], encoding),
+            },
+        )
+        for k in order
+    ]
+    writer.append(records[:2])
+    writer.append(records[2:])  # ordinals continue
     counts = writer.counts()  # what the LMDBs hold, as prepare records it in the manifest
     writer.close()
     assert counts == {4: 5, 8: 5}
-    assert (
-        set(lmdb_contents(tmp_path, 4))
-        == set(lmdb_contents(tmp_path, 8))
-        == {k.encode() for k in images}
-    )
+    assert set(lmdb_contents(tmp_path, 4)) == {ordinal_key(i) for i in range(5)}
     write_manifest(
         tmp_path,
         {
             "resolutions": [4, 8],
             "counts": {str(r): n for r, n in counts.items()},
-            "record_format": {"encoding": encoding},
+            "record_format": record_format(encoding),
         },
     )
     ds = pickle.loads(pickle.dumps(LmdbImageDataset(tmp_path, 8)))
     small = LmdbImageDataset(tmp_path, 4)
-    assert [ds.key(i) for i in range(len(ds))] == sorted(images)  # record i: i-th key
+    assert [ds.key(i) for i in range(len(ds))] == order  # record i: the i-th appended
     for i in range(len(ds)):
         assert ds[i].dtype == torch.uint8 and ds[i].shape == (3, 8, 8)
         assert torch.equal(ds[i], torch.from_numpy(images[ds.key(i)]).permute(2, 0, 1))
         assert small.key(i) == ds.key(i)
         expected = torch.from_numpy(images[ds.key(i)][::2, ::2].copy()).permute(2, 0, 1)
         assert torch.equal(small[i], expected)
+    with pytest.raises(IndexError):
+        ds[5]
     loader = torch.utils.data.DataLoader(ds, batch_size=5, num_workers=2)
     assert torch.equal(next(iter(loader)), torch.stack([ds[i] for i in range(5)]))
+
+
+def test_dataset_of_the_old_name_keyed_format_says_to_reprepare(tmp_path):
+    write_manifest(
+        tmp_path,
+        {"resolutions": [4, 8], "counts": {"4": 1, "8": 1}, "record_format": {"encoding": "raw"}},
+    )
+    with pytest.raises(ValueError, match=r"older `progan prepare`.*--resolution 8 --force"):
+        LmdbImageDataset(tmp_path, 8)
 
 
 def test_raw_record_rejects_wrong_size():
@@ -215,3 +232,31 @@ def test_sample_faces_are_deterministic_and_detectable(tmp_path, detector):
     images = [np.asarray(Image.open(a / f).convert("RGB")) for f in files]
     found = [faces for faces in detector.detect(images) if faces and faces[0].prob > 0.9]
     assert len(found) >= 38
+
+
+NODE = {"CPU": 2.0}
+GPU_NODE = {"CPU": 16.0, "GPU": 1.0}
+
+
+@pytest.mark.parametrize(
+    ("nodes", "workers", "gpus", "message"),
+    [
+        ([NODE, NODE], 2, 0.5, "gpus_per_worker: 0.5 asks for GPUs but the Ray cluster has 4 CPUs"),
+        ([NODE], 3, None, "workers: 3 need 3 CPUs (1 each) but the Ray cluster has 2 CPUs"),
+        ([GPU_NODE], 4, 0.5, "workers x gpus_per_worker = 4 x 0.5 = 2 GPUs but"),
+        ([GPU_NODE, GPU_NODE], 2, 2, "gpus_per_worker: 2 does not fit on any one node"),
+        ([{"CPU": 1.0, "GPU": 1.0}], None, None, "prepare needs at least 2 CPUs"),
+    ],
+)
+def test_unschedulable_requests_are_refused_in_one_line(nodes, workers, gpus, message):
+    with pytest.raises(ResourceError) as err:
+        plan_workers(nodes, workers, gpus)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_worker_plans_fit_the_cluster():
+    assert plan_workers([NODE, NODE], None, None) == WorkerPlan(4, 0.0)  # every CPU
+    assert plan_workers([NODE, NODE], None, None, shards=3) == WorkerPlan(3, 0.0)
+    assert plan_workers([GPU_NODE], 8, None) == WorkerPlan(8, 0.125)  # GPUs / workers
+    assert plan_workers([GPU_NODE], None, 0.25, shards=4) == WorkerPlan(4, 0.25)
+    assert plan_workers([GPU_NODE], 2, 0) == WorkerPlan(2, 0.0)  # CPU detection by choice

@@ -15,7 +15,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("source", help="folder of images, .zip archive, or text file of paths")
     p.add_argument("out", help="output dataset directory")
     p.add_argument("--resolution", type=int, required=True, help="power of two, 4..1024")
-    p.add_argument("--workers", type=int, default=None, help="Ray actors (default: all CPUs)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="MTCNN actors (default: every CPU; with GPUs, every CPU but one)",
+    )
+    p.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=None,
+        help="GPU share of each MTCNN actor, e.g. 0.25 or 1 (default: GPUs/workers, 0 without)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=1800.0,
+        help="seconds any one wait may take (listing, actor start, no shard done, merge)",
+    )
     p.add_argument("--detector", choices=["mtcnn", "none"], default="mtcnn")
     p.add_argument("--crop", choices=["align", "box"], default="align")
     p.add_argument("--margin", type=float, default=0.25)
@@ -39,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
 
     from preprocessing.config import ConfigError
     from preprocessing.prepare import PrepareError, prepare_dataset
+    from preprocessing.resources import ResourceError
     from preprocessing.sources import SourceError
 
     console = Console(stderr=True)
@@ -48,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
             args.out,
             args.resolution,
             workers=args.workers,
+            gpus_per_worker=args.gpus_per_worker,
+            timeout_s=args.timeout,
             detector=args.detector,
             force=args.force,
             address=args.address,
@@ -63,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
             shard_size=args.shard_size,
             limit=args.limit,
         )
-    except (ConfigError, SourceError, PrepareError) as exc:
+    except (ConfigError, SourceError, PrepareError, ResourceError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2
     table = Table(title=f"prepared {summary.out_dir}")
