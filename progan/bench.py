@@ -14,10 +14,13 @@ double backward) divided into the peak measured with a large bf16 matmul.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -139,15 +142,24 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def bench_step(
-    cfg: GANConfig, device: str | torch.device, steps: int = 10, warmup: int = 3
+    cfg: GANConfig,
+    device: str | torch.device,
+    steps: int = 10,
+    warmup: int = 3,
+    profile: Path | None = None,
 ) -> dict[str, float | int | str]:
-    """Time `steps` iterations of `cfg` after `warmup`; img/s, ms/step, peak memory."""
+    """Time `steps` iterations of `cfg` after `warmup`; img/s, ms/step, peak memory.
+
+    With `profile`, the timed steps also run under torch.profiler: a Chrome trace is
+    written there and the top operators are printed (to see where a target is missed).
+    """
     device = configure_device(torch.device(device))
     trainer = GANTrainer(cfg, device=device)
     real = random_batch(cfg, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    seconds = time_calls(lambda: trainer.step(real), device, steps, warmup)
+    with profiled(profile, cfg, device) if profile else contextlib.nullcontext():
+        seconds = time_calls(lambda: trainer.step(real), device, steps, warmup)
     trainer.read_stats()  # the run was finite
     batch = cfg.schedule.batch_base
     t = cfg.train
@@ -164,6 +176,25 @@ def bench_step(
         "step_ms": round(1000 * seconds, 2),
         "peak_mem_mb": round(peak_memory_mb(device), 1),
     }
+
+
+@contextlib.contextmanager
+def profiled(folder: Path, cfg: GANConfig, device: torch.device) -> Iterator[None]:
+    """torch.profiler around the block; a Chrome trace in `folder`, top ops printed."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        yield
+    t = cfg.train
+    name = f"res{cfg.model.resolution}-b{cfg.schedule.batch_base}-{'bf16' if t.bf16 else 'fp32'}"
+    name += "-compiled" if t.compile else "-eager"
+    folder.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(folder / f"{name}.json"))
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=15), file=sys.stderr, flush=True)
 
 
 def with_ceiling(result: dict, flops: int, peak_flops: float) -> dict:
@@ -194,6 +225,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--arch", choices=["progan", "dcgan"], default="progan")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--profile", type=Path, help="write torch.profiler traces to this folder")
     return p.parse_args(argv)
 
 
@@ -212,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
                         a.channels_last, a.fused_scale, a.arch,
                     )  # fmt: skip
                     flops = flops or iteration_flops(cfg, device)
-                    result = bench_step(cfg, device, a.steps, a.warmup)
+                    result = bench_step(cfg, device, a.steps, a.warmup, a.profile)
                     print(json.dumps(with_ceiling(result, flops, peak)), flush=True)
 
 
