@@ -13,9 +13,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from progan.config import GANConfig, ModelConfig, ScheduleConfig, StrictModel, TrainConfig
+from progan.config import (
+    GANConfig,
+    ModelConfig,
+    ScheduleConfig,
+    StrictModel,
+    TrainConfig,
+    check_resolution,
+)
 from progan.schedule import phase_plan
 
 BUILTIN_SAMPLE_FACES = "builtin:sample-faces"
@@ -48,7 +55,11 @@ class DataConfig(StrictModel):
 class ScalingSection(StrictModel):
     """Ray Train workers per phase."""
 
-    num_workers: int = Field(1, ge=1)
+    num_workers: int | dict[int, int] = Field(
+        1,
+        description="workers of every phase, or a map by resolution ({4: 1, 64: 2, 256: 8}): "
+        "each key's count holds from that resolution up to the next key",
+    )
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(1, ge=0)
@@ -57,6 +68,30 @@ class ScalingSection(StrictModel):
         description="custom Ray resources each worker needs (e.g. {trainer_node: 1} to place "
         "workers on the nodes that advertise it)",
     )
+
+    @field_validator("num_workers")
+    @classmethod
+    def _check_workers(cls, value: int | dict[int, int]) -> int | dict[int, int]:
+        counts = value.values() if isinstance(value, dict) else [value]
+        if not counts or min(counts) < 1:
+            raise ValueError(f"needs at least 1 worker everywhere, got {value}")
+        for res in value if isinstance(value, dict) else []:
+            check_resolution(res)
+        return value
+
+    def workers_for(self, resolution: int) -> int:
+        """Workers of a phase at `resolution` (below the smallest key: the smallest key's)."""
+        if isinstance(self.num_workers, int):
+            return self.num_workers
+        keys = sorted(self.num_workers)
+        at_or_below = [k for k in keys if k <= resolution]
+        return self.num_workers[at_or_below[-1] if at_or_below else keys[0]]
+
+    @property
+    def max_workers(self) -> int:
+        """The most workers any phase uses."""
+        n = self.num_workers
+        return max(n.values()) if isinstance(n, dict) else n
 
     @property
     def worker_resources(self) -> dict[str, float]:
@@ -135,8 +170,8 @@ class PipelineConfig(StrictModel):
                 f"schedule.start_resolution must equal model.resolution "
                 f"({self.model.resolution}) for arch 'dcgan', which does not grow"
             )
-        workers = self.scaling.num_workers
         for phase in phase_plan(self.schedule, self.model.resolution):
+            workers = self.scaling.workers_for(phase.resolution)
             if phase.batch_size % workers:
                 raise ValueError(
                     f"schedule.batch_size at {phase.resolution}: batch {phase.batch_size} is "

@@ -74,7 +74,7 @@ def new_run_id() -> str:
 def plan_table(cfg: PipelineConfig, plan: list[Phase]) -> Table:
     """The phase plan as a rich table."""
     workers = cfg.scaling.num_workers
-    table = Table(title=f"phase plan ({workers} worker{'s' if workers > 1 else ''})")
+    table = Table(title=f"phase plan (workers: {workers})")
     for col in ("#", "resolution", "kind", "kimg", "batch", "per worker", "lr", "steps"):
         table.add_column(col, justify="right")
     for p in plan:
@@ -84,7 +84,7 @@ def plan_table(cfg: PipelineConfig, plan: list[Phase]) -> Table:
             p.kind,
             f"{p.num_images / 1000:g}",
             str(p.batch_size),
-            str(p.batch_size // workers),
+            str(p.batch_size // cfg.scaling.workers_for(p.resolution)),
             f"{p.lr:g}",
             str(p.steps),
         )
@@ -198,12 +198,15 @@ def fit_phase(
             signal.signal(signal.SIGINT, on_sigint)
 
     s = cfg.scaling
+    phase = phase_plan(cfg.schedule, cfg.model.resolution)[worker_config["phase_index"]]
     trainer = Trainer(
         worker_fn or phase_worker,
         train_loop_config=worker_config,
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=s.worker_resources
+            num_workers=s.workers_for(phase.resolution),  # each phase its own count
+            use_gpu=s.use_gpu,
+            resources_per_worker=s.worker_resources,
         ),
         run_config=ray.train.RunConfig(
             name=ray_name,

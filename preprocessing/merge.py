@@ -16,7 +16,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from preprocessing.lmdb_store import LmdbWriter, keys_dir, resolution_dir
+from preprocessing.lmdb_records import LmdbWriter, keys_dir, resolution_dir
 from preprocessing.shard_file import read_header, read_shard, shard_path
 
 

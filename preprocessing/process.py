@@ -20,20 +20,9 @@ from preprocessing.detect import Face, FaceDetector
 from preprocessing.lmdb_store import encode_record
 from preprocessing.pyramid import build_pyramid
 from preprocessing.rejects import Reject, RejectError
+from preprocessing.shard_file import ShardResult
 
-Record = tuple[str, dict[int, bytes]]  # record key, {resolution: encoded image}
 Detections = list[Face] | Exception | None  # None: no detector (already-aligned faces)
-
-
-@dataclass
-class ShardResult:
-    """Records and rejects of one shard, with stage timings (seconds) and the nodes used."""
-
-    shard: int
-    records: list[Record] = field(default_factory=list)
-    rejects: list[Reject] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-    nodes: list[str] = field(default_factory=list)
 
 
 @dataclass

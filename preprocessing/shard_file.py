@@ -12,13 +12,24 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from preprocessing.process import ShardResult
 from preprocessing.rejects import Reject
 
 PROGRESS = "_progress"
+Record = tuple[str, dict[int, bytes]]  # record key, {resolution: encoded image}
+
+
+@dataclass
+class ShardResult:
+    """Records and rejects of one shard, with stage timings (seconds) and the nodes used."""
+
+    shard: int
+    records: list[Record] = field(default_factory=list)
+    rejects: list[Reject] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    nodes: list[str] = field(default_factory=list)
 
 
 def shard_path(out_dir: str | os.PathLike, shard: int) -> Path:
