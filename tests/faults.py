@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import ray.cloudpickle
+import torch
 
 from pipeline.worker import phase_worker
 
@@ -88,4 +89,24 @@ def cannot_log(config: dict[str, Any]) -> None:
         raise ConnectionError("tracking server unreachable (injected)")
 
     MlflowClient.log_batch = log_batch
+    phase_worker(config)
+
+
+def records_batches(config: dict[str, Any]) -> None:
+    """Each step appends `images_shown rank world_size sha1-of-its-real-images` to
+    `config["batches_file"]` (what a rank really trained on)."""
+    import hashlib
+
+    import progan.trainer
+
+    step = progan.trainer.GANTrainer.step
+
+    def recorded(self, reals):
+        batch = reals if isinstance(reals, torch.Tensor) else reals[0]
+        digest = hashlib.sha1(batch.cpu().contiguous().numpy().tobytes()).hexdigest()
+        with Path(config["batches_file"]).open("a") as f:
+            f.write(f"{self.images_shown} {self.rank} {self.world_size} {digest}\n")
+        return step(self, reals)
+
+    progan.trainer.GANTrainer.step = recorded
     phase_worker(config)
