@@ -11,11 +11,10 @@ import pytest
 import torch
 import torch._dynamo
 
+from progan.trainer import GANTrainer
 from tests.helpers import run_steps, tiny_config, torch_threads
 
-from progan.trainer import GANTrainer  # isort: skip
-
-pytestmark = pytest.mark.slow  # ~1 min of C++ compilation on a 2-core box
+pytestmark = pytest.mark.slow  # 1-3 min of C++ compilation on the 2-core box
 
 # Inductor fuses and reorders float arithmetic: over 3 steps the losses of the tiny nets
 # differed from eager by < 1e-5 relative (measured); weights after 3 Adam steps likewise.
