@@ -106,6 +106,38 @@ def prepare_rates(
     return rows, outs
 
 
+def merge_rates(dataset_dir: Path, shard_size: int = 64) -> list[tuple[str, str]]:
+    """Time `merge_resolution` per resolution, in this process, on shard files of
+    `shard_size` records rebuilt from a prepared dataset (the merge's cost without Ray)."""
+    import shutil
+
+    from preprocessing.lmdb_store import LmdbImageDataset, available_resolutions, encode_record
+    from preprocessing.merge import merge_resolution
+    from preprocessing.shard_file import ShardResult, write_shard
+
+    resolutions = available_resolutions(dataset_dir)
+    sets = {r: LmdbImageDataset(dataset_dir, r) for r in resolutions}
+    n = len(sets[resolutions[0]])
+    tmp = Path(tempfile.mkdtemp(prefix="progan-merge-"))
+    encoding = sets[resolutions[0]].encoding
+    for shard, start in enumerate(range(0, n, shard_size)):
+        records = [
+            (sets[resolutions[0]].key(i),
+             {r: encode_record(ds[i].permute(1, 2, 0).numpy(), encoding) for r, ds in sets.items()})
+            for i in range(start, min(n, start + shard_size))
+        ]  # fmt: skip
+        write_shard(tmp, ShardResult(shard, records=records))
+    shards = (n + shard_size - 1) // shard_size
+    rows = []
+    for r in resolutions:
+        t = time.perf_counter()
+        merge_resolution(str(tmp), shards, r, r == resolutions[0])
+        rows.append((f"merge res {r} ({n} records, {shards} shard files; {_load()})",
+                     _rate(n, time.perf_counter() - t)))  # fmt: skip
+    shutil.rmtree(tmp)
+    return rows
+
+
 def mtcnn_actor_rates(source, n: int, actors: list[int]) -> list[tuple[str, str]]:
     """MTCNN images/s with k concurrent Ray actors sharing the GPU(s) (1/k GPU each; on CPU
     when Ray has no GPU), on n images upscaled to CelebA's full 178x218, batch 32."""
@@ -199,7 +231,8 @@ def main() -> None:
         actors = [int(k) for k in args.mtcnn_actors.split(",")]
         rows = mtcnn_actor_rates(source, args.n, actors)
     elif args.prepare_only:
-        rows, _ = prepare_rates(source, args.n, args.resolution, encodings=("raw",))
+        rows, outs = prepare_rates(source, args.n, args.resolution, encodings=("raw",))
+        rows += merge_rates(outs["raw"])
     else:
         rows = stage_rates(source, args.n, args.resolution)
         prep_rows, outs = prepare_rates(source, args.n, args.resolution)
