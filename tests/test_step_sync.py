@@ -89,7 +89,7 @@ def test_no_host_read_between_log_points(host_reads, train):
 
 
 def test_nan_stops_the_phase_at_the_next_read_before_any_checkpoint_of_it(monkeypatch):
-    trainer = GANTrainer(tiny_config())
+    trainer = GANTrainer(tiny_config(schedule={"stabilize_kimg": 0.128}))  # 16 steps at 4x4
     prepare = GANTrainer._prepare_real
 
     def poisoned(self, real, alpha, fading):  # reals turn NaN from 40 images on (step 6)
@@ -104,7 +104,8 @@ def test_nan_stops_the_phase_at_the_next_read_before_any_checkpoint_of_it(monkey
             trainer,
             images(32, 4),
             trainer.plan[0],
-            LoopOptions(log_every_images=32, checkpoint_every_images=32),
+            # no log point inside the phase: the checkpoint points must read the check
+            LoopOptions(log_every_images=10**9, checkpoint_every_images=32),
             on_checkpoint=lambda t, s, final: checkpoints.append(t.images_shown),
         )
     assert checkpoints == [32]  # the one before the NaN; none after it
