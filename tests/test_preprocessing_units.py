@@ -260,3 +260,31 @@ def test_worker_plans_fit_the_cluster():
     assert plan_workers([GPU_NODE], 8, None) == WorkerPlan(8, 0.125)  # GPUs / workers
     assert plan_workers([GPU_NODE], None, 0.25, shards=4) == WorkerPlan(4, 0.25)
     assert plan_workers([GPU_NODE], 2, 0) == WorkerPlan(2, 0.0)  # CPU detection by choice
+
+
+def test_a_stalled_pipeline_raises_after_the_timeout_saying_what_is_stuck():
+    """run_pipeline's watchdog, on a stand-in for a Ray Dataset whose second shard never
+    finishes (a real hang would need a hung Ray worker): it raises with the counts and the
+    actor request instead of waiting forever."""
+    import threading
+
+    from preprocessing.ray_stages import StallError, run_pipeline
+
+    release = threading.Event()
+
+    class OneShardThenHang:
+        def iter_rows(self):
+            yield {"shard": 0}
+            release.wait(30)
+
+    seen = []
+    try:
+        with pytest.raises(StallError) as err:
+            run_pipeline(OneShardThenHang(), 3, 0.5, WorkerPlan(2, 0.5), seen.append)
+    finally:
+        release.set()
+    assert seen == [{"shard": 0}]
+    assert str(err.value).startswith(
+        "no shard finished in 0.5 s (1 of 3 done): stuck waiting for 2 detector actor(s) "
+        "of 0.5 GPU + 1 CPU each"
+    )
