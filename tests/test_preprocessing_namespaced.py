@@ -4,8 +4,10 @@ The worker node runs in its own mount namespace (tests/cluster_harness.py); the 
 written by a task on that node into a tmpfs that exists only there, so the driver process
 (this test) cannot read a single image byte: everything it does with the source is by
 name, and listing, reading, detection, writing and merging must happen on the worker node.
-The result must equal what one process makes of the same photos (same dataset
-fingerprint, same records in the same order, byte for byte, same rejects).
+The result must equal what one process makes of the same photos (same source
+fingerprint, same records in the same order, byte for byte, same rejects). No face
+detector here (centred crops), to keep it short: MTCNN on two nodes is
+test_preprocessing_cluster.py.
 """
 
 from __future__ import annotations
@@ -39,12 +41,12 @@ def test_driver_never_sees_the_photos_and_output_equals_one_process(tmp_path):
             make = ray.remote(num_cpus=1, scheduling_strategy=on_worker)(make_sample_faces)
             ray.get(make.remote(photos, n=N, seed=SEED), timeout=120)
             assert not photos.exists()  # only the worker node's tmpfs holds them
-            summary = prepare_dataset(str(photos), out, RES, shard_size=4)
+            summary = prepare_dataset(str(photos), out, RES, shard_size=4, detector="none")
         finally:
             ray.shutdown()
     assert summary.nodes == [info.worker_node_id]
-    assert summary.records + summary.rejected == N and summary.records >= N - 1
+    assert summary.records == N and summary.processed_shards == 3
 
     # The same photos, made here, processed in this one process without Ray.
     local = make_sample_faces(tmp_path / "local", n=N, seed=SEED)
-    assert_same_as_one_process(out, local, RES, shard_size=4)
+    assert_same_as_one_process(out, local, RES, shard_size=4, detector="none")
