@@ -127,7 +127,19 @@ class TrackingSection(StrictModel):
         "only: a cluster needs a tracking server's http(s) URI)",
     )
     experiment: str = "progan"
-    log_checkpoints: bool = True
+    registered_model: str | None = Field(
+        None,
+        description="MLflow registered model each finished run adds a version of "
+        "(default: the experiment's name; '' logs the model without registering it)",
+    )
+    log_checkpoints: bool = Field(
+        False,
+        description="also copy each phase's final checkpoint into MLflow (Ray storage holds "
+        "them already; the phase runs are tagged with their URIs)",
+    )
+    system_metrics_interval_s: float = Field(
+        10.0, ge=0, description="MLflow system metrics sampling on phase runs (0: off)"
+    )
 
 
 class EvalSection(StrictModel):

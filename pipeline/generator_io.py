@@ -3,10 +3,12 @@
 `load_generator` accepts a run's `generator.pt`, a full training checkpoint (a Ray
 checkpoint directory in storage or its `state.pt`) or a run directory, always through
 `progan.checkpoint.load_checkpoint` (tensors and plain values only, nothing that can run
-code). It returns the EMA generator in eval mode at the level and alpha where training
-stopped, plus what the tools share: latents by (seed, index), rendering with truncation,
-PNG writing, and the small argument parsers. Anything the user got wrong is a `ToolError`,
-which the commands print as one line without a traceback.
+code), or a registered MLflow model (`models:/NAME/VERSION`, `models:/NAME@ALIAS`), whose
+tensors-only generator.pt is read the same way (pipeline.model_registry). It returns the
+EMA generator in eval mode at the level and alpha where training stopped, plus what the
+tools share: latents by (seed, index), rendering with truncation, PNG writing, and the
+small argument parsers. Anything the user got wrong is a `ToolError`, which the commands
+print as one line without a traceback.
 """
 
 from __future__ import annotations
@@ -217,16 +219,31 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def load_generator(path: str | Path, device: str = "cpu") -> LoadedGenerator:
-    """The EMA generator of a generator.pt, training checkpoint or run directory, in eval mode."""
+def load_generator(
+    path: str | Path, device: str = "cpu", tracking_uri: str | None = None
+) -> LoadedGenerator:
+    """The EMA generator of a generator.pt, training checkpoint, run directory or registered
+    MLflow model (`models:/NAME/VERSION`, `models:/NAME@ALIAS`, read from `tracking_uri`,
+    default $MLFLOW_TRACKING_URI else ./runs/mlflow.db), in eval mode."""
+    from pipeline.model_registry import downloaded_generator, is_model_uri
+
+    if is_model_uri(path):
+        from pipeline.tracking import resolve_uri
+
+        with downloaded_generator(str(path), resolve_uri(tracking_uri, "runs")) as file:
+            return _load_generator_file(file, Path(str(path)), device)
+    source = resolve_checkpoint(path)
+    return _load_generator_file(source, source, device)
+
+
+def _load_generator_file(file: Path, source: Path, device: str) -> LoadedGenerator:
     from pydantic import ValidationError
 
     from progan.config import ModelConfig
     from progan.models import build_generator
     from progan.networks import resolution_of
 
-    source = resolve_checkpoint(path)
-    state = _read_state(source)
+    state = _read_state(file)
     if "G_ema" not in state:
         keys = ", ".join(sorted(state)) or "none"
         raise GeneratorLoadError(f"{source} has no G_ema generator (keys: {keys})")
@@ -363,8 +380,17 @@ def seed_int(text: str) -> int:
 
 def add_generator_args(parser: argparse.ArgumentParser, *, sampling: bool = True) -> None:
     """CKPT and --device; with sampling, also --seed, --size, --truncation, --batch-size."""
-    parser.add_argument("ckpt", help="generator.pt, a training checkpoint, or a run directory")
+    parser.add_argument(
+        "ckpt",
+        help="generator.pt, a training checkpoint, a run directory, or a registered model: "
+        "models:/NAME/VERSION or models:/NAME@ALIAS",
+    )
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
+    parser.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow holding models:/ (default: $MLFLOW_TRACKING_URI, else runs/mlflow.db)",
+    )
     if not sampling:
         return
     parser.add_argument("--seed", type=seed_int, default=0, help="latent seed (default 0)")

@@ -25,6 +25,7 @@ from rich.table import Table
 
 from pipeline.common import changed_since, ensure_dataset
 from pipeline.config import ConfigError, PipelineConfig, dump_config, load_config_dict
+from pipeline.model_registry import publish_generator
 from pipeline.state import RunLock, RunState
 from pipeline.storage import STATE_FILE as CHECKPOINT_STATE
 from pipeline.storage import (
@@ -47,7 +48,15 @@ CONFIG_FILE = "config.yaml"
 STATE_FILE = "state.json"
 # Keys that may change when a run is resumed; anything else must match the original.
 # (run.root: the state is found under root/run id, so it is this run wherever it moved.)
-RESUMABLE_CHANGES = ("ray_address", "run.max_failures", "run.root", "tracking.uri", "eval.")
+RESUMABLE_CHANGES = (
+    "ray_address",
+    "run.max_failures",
+    "run.root",
+    "tracking.uri",
+    "tracking.registered_model",
+    "tracking.system_metrics_interval_s",
+    "eval.",
+)
 
 
 class PhaseFailedError(RuntimeError):
@@ -311,6 +320,7 @@ def _run_locked(
         tags = {"run_id": run_id, "run_dir": str(run_dir), "storage": storage, **(run_tags or {})}
         state.parent_run_id = tracker.start_run(run_id, tags, parent_id=parent_run_id)
         tracker.log_params(state.parent_run_id, flatten(cfg.model_dump(mode="json")))
+        tracker.log_dataset(state.parent_run_id, cfg.data.dataset)
     else:
         tracker.reopen(state.parent_run_id)
     state.save(run_dir / STATE_FILE)
@@ -336,6 +346,8 @@ def _run_locked(
                 "phase_index": phase.index,
                 "init_checkpoint": previous,
                 "tracking_uri": uri,
+                "parent_run_id": state.parent_run_id,
+                "system_metrics_interval_s": cfg.tracking.system_metrics_interval_s,
                 "mailbox": mailbox.handle,
                 **(test_hooks or {}),
             }
@@ -357,8 +369,10 @@ def _run_locked(
     generator = export_generator(previous, run_dir / "generator.pt")
     table = run_dir / "phases.md"
     table.write_text(phase_table_markdown(plan, rows))
-    tracker.log_artifact(state.parent_run_id, generator)
     tracker.log_artifact(state.parent_run_id, table)
+    tracker.log_table(state.parent_run_id, rows, "phases.json")
+    tracker.client.set_tag(state.parent_run_id, "checkpoint", previous)
+    publish_generator(cfg, tracker, state, generator, console)  # the registered model
     tracker.finish(state.parent_run_id)
     state.finished = True
     state.save(run_dir / STATE_FILE)
@@ -393,6 +407,7 @@ class PhaseDriver:
                 "ray_run_name": ps.ray_name,
             }
             ps.child_run_id = tracker.start_run(phase.name, tags, parent_id=state.parent_run_id)
+            tracker.log_dataset(ps.child_run_id, self.cfg.data.dataset)
         else:
             tracker.reopen(ps.child_run_id)
         state.save(self.run_dir / STATE_FILE)
@@ -467,34 +482,12 @@ class PhaseDriver:
             raise PhaseFailedError(f"phase {phase.name}: {nonfinite}")
 
     def recover_tracking(self, phase: Phase, m: dict[str, Any]) -> None:
-        """Rank 0 could not deliver everything: log the metrics from here, else keep them
-        beside the run; either way say so and tag the run."""
+        """Rank 0 could not deliver everything: log it from here, else keep it beside the
+        run (pipeline.tracking.Tracker.replay); either way say so and tag the phase run."""
         ps = self.state.phase(phase.index)
-        unsent, lost = m.get("unsent", []), m.get("lost_artifacts", [])
-        note = f"{len(unsent)} metric values and {len(lost)} artifacts undelivered ({m['error']})"
-        self.console.print(f"[yellow]phase {phase.name}: MLflow logging from rank 0 failed: {note}")
-        replayed = False
-        if unsent:
-            by_step: dict[int, dict[str, float]] = {}
-            for u in unsent:
-                by_step.setdefault(int(u["step"]), {})[u["key"]] = u["value"]
-            replayed = self.safe(
-                lambda: [
-                    self.tracker.log_metrics(ps.child_run_id, v, k) for k, v in by_step.items()
-                ]
-            )
-            if not replayed:
-                import json
-
-                path = self.run_dir / f"unlogged-metrics-{phase.name}.jsonl"
-                path.write_text("".join(json.dumps(u) + "\n" for u in unsent))
-                self.console.print(f"[yellow]  the metrics are kept in {path}")
-            else:
-                self.console.print("[yellow]  the metrics were logged from the driver instead")
-        where = "replayed by the driver" if replayed or not unsent else "kept in the run dir"
-        tag = f"{note}; metrics {where}"
-        if lost:
-            tag += f"; lost artifacts: {', '.join(lost)[:400]}"
+        self.console.print(f"[yellow]phase {phase.name}: MLflow logging from rank 0 failed")
+        tag = self.tracker.replay(m, self.run_dir / f"unlogged-{phase.name}")
+        self.console.print(f"[yellow]  {tag}")
         self.safe(lambda: self.tracker.client.set_tag(ps.child_run_id, "tracking.incomplete", tag))
 
     def safe(self, action: Callable[[], Any]) -> bool:

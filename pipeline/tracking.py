@@ -1,12 +1,13 @@
-"""MLflow tracking: one parent run per pipeline run, one nested child run per phase.
+"""MLflow tracking, driver side: the experiment, one parent run per pipeline run, one nested
+child run per phase, the dataset input and tables.
 
-The embedded default store is a SQLite file under the runs root (`runs/mlflow.db`) with
-artifacts beside it (`runs/mlartifacts`), so every local run can be compared in one UI.
-Only rank 0 of a phase logs. Logging never crashes training: `MetricLogger` buffers what
-could not be sent and retries on the next call; what is still unsent at the end goes to
-the driver through Ray (pipeline.mailbox), which logs it itself or writes it beside the run,
-and says so in the console and in a run tag. A cluster whose workers may run on other
-nodes needs a tracking server (http/https); a local file store is refused there.
+The experiment is tagged a model-training experiment (`mlflow.experimentKind`), so MLflow 3's
+UI opens its training view rather than the GenAI one. The embedded default store is a SQLite
+file under the runs root (`runs/mlflow.db`) with artifacts beside it (`runs/mlartifacts`),
+so every local run can be compared in one UI. Rank 0 of a phase logs through
+`pipeline.metric_logger` (queued, never blocking training); the registered model is
+`pipeline.model_registry`'s. A cluster whose workers may run on other nodes needs a
+tracking server (http/https); a local file store is refused there.
 """
 
 from __future__ import annotations
@@ -15,16 +16,19 @@ import json
 import logging
 import os
 import subprocess
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunStatus
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 
 log = logging.getLogger(__name__)
 MAX_PARAM_LENGTH = 6000
+# MLflow 3's UI reads this experiment tag: this value opens the model-training view.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
 class TrackingError(RuntimeError):
@@ -36,28 +40,47 @@ def default_store(root: str | os.PathLike) -> str:
     return f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
 
 
+def training_view_url(base: str, experiment_id: str) -> str:
+    """The experiment's runs in MLflow 3's model-training view. MLflow 3.17's UI picks the
+    view from a per-browser switch (GenAI by default) that this URL parameter overrides;
+    the experiment's `mlflow.experimentKind` tag is what other MLflow UIs read."""
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
 def resolve_uri(configured: str | None, root: str | os.PathLike) -> str:
     """Config value, else $MLFLOW_TRACKING_URI, else the embedded SQLite store."""
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or default_store(root)
 
 
+_FAIL_FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+_fail_fast_lock = threading.Lock()
+_fail_fast_users = 0
+_fail_fast_saved: dict[str, str | None] = {}
+
+
 @contextmanager
 def fail_fast_http():
-    """Make MLflow's HTTP client give up quickly (it retries for minutes by default)."""
-    saved = {
-        k: os.environ.get(k)
-        for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
-    }
-    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
-    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "5"
+    """Make MLflow's HTTP client give up quickly (it retries for minutes by default).
+
+    MLflow reads these settings from the environment, which the whole process shares: the
+    first block in sets them and the last one out restores them, whatever the threads."""
+    global _fail_fast_users
+    with _fail_fast_lock:
+        if _fail_fast_users == 0:
+            _fail_fast_saved.update({k: os.environ.get(k) for k in _FAIL_FAST})
+            os.environ.update(_FAIL_FAST)
+        _fail_fast_users += 1
     try:
         yield
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        with _fail_fast_lock:
+            _fail_fast_users -= 1
+            if _fail_fast_users == 0:
+                for k, v in _fail_fast_saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -99,9 +122,13 @@ class Tracker:
                     location = None
                     if uri.startswith("sqlite:") or uri.startswith("file:"):
                         location = (Path(artifact_root).resolve()).as_uri()
-                    self.experiment_id = self.client.create_experiment(experiment, location)
+                    self.experiment_id = self.client.create_experiment(
+                        experiment, location, tags=dict([EXPERIMENT_KIND])
+                    )
                 else:
                     self.experiment_id = found.experiment_id
+                    if EXPERIMENT_KIND[0] not in found.tags:  # made before it was tagged
+                        self.client.set_experiment_tag(self.experiment_id, *EXPERIMENT_KIND)
             except Exception as err:  # any failure here means "unusable"
                 raise TrackingError(
                     f"MLflow tracking at {uri} is unreachable or unusable: "
@@ -110,7 +137,14 @@ class Tracker:
 
     def start_run(self, name: str, tags: dict[str, str], parent_id: str | None = None) -> str:
         """Create a run (nested under `parent_id` if given); returns its id."""
-        tags = {**tags, "git_commit": git_commit()}
+        commit = git_commit()
+        tags = {
+            "mlflow.source.type": "LOCAL",
+            "mlflow.source.name": "progan run",
+            "mlflow.source.git.commit": commit,
+            **tags,
+            "git_commit": commit,
+        }
         if parent_id:
             tags["mlflow.parentRunId"] = parent_id
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
@@ -138,87 +172,87 @@ class Tracker:
     ) -> None:
         self.client.log_artifact(run_id, str(path), artifact_path)
 
+    def log_table(self, run_id: str, rows: list[dict[str, Any]], artifact_file: str) -> None:
+        """Rows (one dict each) as an MLflow table artifact (the run's Artifacts tab shows it)."""
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+        table = {c: [row.get(c) for row in rows] for c in columns}
+        self.client.log_table(run_id, table, artifact_file)
+
+    def log_dataset(self, run_id: str, dataset_dir: str | os.PathLike) -> None:
+        """The prepared dataset as the run's training input: the runs table's Dataset column."""
+        self.client.log_inputs(run_id, datasets=[dataset_input(dataset_dir)])
+
+    def replay(self, undelivered: dict[str, Any], keep_dir: Path) -> str:
+        """Log what a worker could not deliver (pipeline.metric_logger's `close()`): metrics
+        and sample grids; what fails here too is written to `keep_dir`. Returns a summary
+        for the console and the run's `tracking.incomplete` tag."""
+        metrics, images = undelivered.get("unsent", []), undelivered.get("unsent_images", [])
+        lost = undelivered.get("lost_artifacts", [])
+        note = (
+            f"{len(metrics)} metric values, {len(images)} sample grids and {len(lost)} "
+            f"artifacts undelivered ({undelivered.get('error')})"
+        )
+        if not metrics and not images:
+            return note + (f"; lost artifacts: {', '.join(lost)[:400]}" if lost else "")
+        try:
+            with fail_fast_http():
+                by_run_step: dict[tuple[str, int], dict[str, float]] = {}
+                for m in metrics:
+                    by_run_step.setdefault((m["run_id"], int(m["step"])), {})[m["key"]] = m["value"]
+                for (run_id, step), values in by_run_step.items():
+                    self.log_metrics(run_id, values, step)
+                for image in images:
+                    self.log_image_bytes(image["run_id"], image["png"], image["key"], image["step"])
+            where = "the metrics were logged from the driver instead: replayed by the driver"
+        except Exception as err:
+            keep_dir.mkdir(parents=True, exist_ok=True)
+            lines = "".join(json.dumps(m) + "\n" for m in metrics)
+            (keep_dir / "metrics.jsonl").write_text(lines)
+            for image in images:
+                (keep_dir / f"{image['key']}-{image['step']:012d}.png").write_bytes(image["png"])
+            where = f"the driver could not log them ({type(err).__name__}): kept in {keep_dir}"
+        summary = f"{note}; {where}"
+        return summary + (f"; lost artifacts: {', '.join(lost)[:400]}" if lost else "")
+
+    def log_image_bytes(self, run_id: str, png: bytes, key: str, step: int) -> None:
+        """A PNG (bytes) as image `key` at `step`."""
+        import io
+
+        from PIL import Image
+
+        with Image.open(io.BytesIO(png)) as image:
+            self.client.log_image(run_id, image.convert("RGB"), key=key, step=step)
+
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(
             run_id, status=RunStatus.to_string(RunStatus.from_string(status))
         )
 
 
-class MetricLogger:
-    """Rank-0 logging that never raises: buffers on failure, retries, and says what is lost.
+def dataset_input(dataset_dir: str | os.PathLike) -> DatasetInput:
+    """An MLflow dataset input for a prepared dataset: its folder name, location, manifest
+    fingerprint (the digest) and, as its profile, resolutions, image counts and raw source."""
+    from preprocessing.lmdb_store import read_manifest
 
-    A worker has no disk the driver can read, so what could not be sent by `close()` is
-    returned (and posted to the driver by the worker), never spilled to a local file.
-    """
-
-    def __init__(self, uri: str, run_id: str) -> None:
-        self.uri, self.run_id = uri, run_id
-        self.pending: list[Metric] = []
-        self.pending_artifacts: list[tuple[str, str | None]] = []
-        self.failures = 0
-        self.first_error: str | None = None
-        self.dropped_artifacts: list[str] = []
-        self.skip_through = -1  # steps already in MLflow (a restarted worker repeats them)
-        self.client = MlflowClient(tracking_uri=uri)
-
-    def skip_logged(self, key: str, after: int) -> int:
-        """After a restart from `after` images: skip steps this run already has for `key`
-        (the restarted worker repeats them exactly). Returns the last logged step."""
-        try:
-            with fail_fast_http():
-                steps = [m.step for m in self.client.get_metric_history(self.run_id, key)]
-        except Exception as err:  # unknown: log everything again (the restart is tagged)
-            log.warning("could not read %s's history from MLflow: %s", key, err)
-            return after
-        self.skip_through = max([s for s in steps if s > after], default=after)
-        return self.skip_through
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        if step <= self.skip_through:
-            return
-        now = int(time.time() * 1000)
-        self.pending += [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
-        self.flush()
-
-    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
-        self.pending_artifacts.append((str(path), artifact_path))
-        self.flush()
-
-    def flush(self) -> bool:
-        """Send what is pending; False (and keep it) if the server is unreachable."""
-        try:
-            with fail_fast_http():
-                while self.pending:
-                    self.client.log_batch(self.run_id, metrics=self.pending[:1000])
-                    del self.pending[:1000]
-                while self.pending_artifacts:
-                    path, artifact_path = self.pending_artifacts[0]
-                    if Path(path).exists():
-                        self.client.log_artifact(self.run_id, path, artifact_path)
-                    else:  # its temporary folder is gone: say so at the end
-                        self.dropped_artifacts.append(f"{artifact_path or ''}/{Path(path).name}")
-                    self.pending_artifacts.pop(0)
-            return True
-        except Exception as err:  # tracking must never stop training
-            self.failures += 1
-            if self.first_error is None:
-                self.first_error = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
-                log.warning("MLflow logging failed (%s); buffering and retrying", err)
-            return False
-
-    def close(self) -> dict[str, Any] | None:
-        """Final flush. None if everything arrived, else what did not: the unsent metrics
-        (as dicts), lost artifacts and the first error, for the driver to deal with."""
-        self.flush()
-        if not (self.pending or self.dropped_artifacts or self.failures):
-            return None
-        return {
-            "error": self.first_error,
-            "failures": self.failures,
-            "unsent": [{"key": m.key, "value": m.value, "step": m.step} for m in self.pending],
-            "lost_artifacts": self.dropped_artifacts
-            + [f"{a or ''}/{Path(p).name}" for p, a in self.pending_artifacts],
-        }
+    path = Path(dataset_dir).resolve()
+    manifest = read_manifest(path)
+    source = manifest.get("source", {})
+    profile = {
+        "resolution": max(int(r) for r in manifest["counts"]),
+        "images": manifest.get("records"),
+        "counts": manifest["counts"],
+        "raw_source": source.get("path"),
+        "raw_source_kind": source.get("kind"),
+        "fingerprint": manifest["fingerprint"],
+    }
+    dataset = Dataset(
+        name=path.name,
+        digest=str(manifest["fingerprint"])[:16],
+        source_type="local",
+        source=json.dumps({"uri": str(path)}),
+        profile=json.dumps(profile),
+    )
+    return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])
 
 
 def is_local_store(uri: str) -> bool:

@@ -12,6 +12,7 @@ counts (it is a barrier).
 from __future__ import annotations
 
 import hashlib
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -26,8 +27,9 @@ from torch.nn.parallel import DistributedDataParallel
 from pipeline.common import evaluate_trainer
 from pipeline.config import PipelineConfig
 from pipeline.mailbox import post
+from pipeline.metric_logger import MetricLogger
 from pipeline.storage import STATE_FILE, load_training_state
-from pipeline.tracking import MetricLogger
+from pipeline.tracking import fail_fast_http
 from preprocessing.lmdb_store import LmdbImageDataset
 from progan.checkpoint import save_checkpoint
 from progan.device import configure_device
@@ -36,6 +38,7 @@ from progan.sampling import fixed_latents, generate, save_grid
 from progan.schedule import Phase
 from progan.trainer import GANTrainer, NonFiniteLossError
 
+log = logging.getLogger(__name__)
 LOGGED_STATS = ("d_loss", "g_loss", "gp", "d_real", "d_fake", "alpha", "lr", "images_per_s")
 
 
@@ -103,9 +106,11 @@ def phase_worker(config: dict[str, Any]) -> None:
     logger = None
     if rank == 0:
         post(mailbox, "start", phase.index, origin=origin, images=trainer.images_shown)
-        logger = MetricLogger(config["tracking_uri"], config["child_run_id"])
+        runs = {"phase": config["child_run_id"], "run": config["parent_run_id"]}
+        logger = MetricLogger(config["tracking_uri"], runs)
         if origin == "ray-checkpoint":  # a restart: the steps after it may be logged already
             logger.skip_logged("d_loss", trainer.images_shown)
+    monitor = start_system_metrics(config, ctx)
     dataset = LmdbImageDataset(cfg.data.dataset, phase.resolution)
     latents = fixed_latents(cfg.run.sample_grid, cfg.model.latent_size, seed=cfg.train.seed)
     history: list[dict[str, float]] = []
@@ -116,7 +121,8 @@ def phase_worker(config: dict[str, Any]) -> None:
         nonlocal told_driver
         history.append({k: stats[k] for k in ("images_shown", *LOGGED_STATS) if k in stats})
         if logger:
-            logger.log({k: v for k, v in stats.items() if k in LOGGED_STATS}, stats["images_shown"])
+            logged = {k: v for k, v in stats.items() if k in LOGGED_STATS}
+            logger.log({**logged, "resolution": phase.resolution}, stats["images_shown"])
             if logger.first_error and not told_driver:
                 post(mailbox, "tracking-failing", phase.index, error=logger.first_error)
                 told_driver = True
@@ -129,7 +135,7 @@ def phase_worker(config: dict[str, Any]) -> None:
             # before the report, so that the driver (and Tune) get the numbers; real
             # statistics are cached beside the dataset, which every node sees
             results = evaluate_trainer(cfg, trainer, phase, None)
-            logger.log(results, shown)
+            logger.log(results, shown, to=("phase",))  # the driver logs them to the run
             metrics["eval"] = results
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
@@ -141,7 +147,7 @@ def phase_worker(config: dict[str, Any]) -> None:
                     generate(trainer.G_ema, latents, level, alpha),
                     Path(tmp) / "samples" / f"{shown:09d}.png",
                 )
-                logger.log_artifact(grid, "samples")
+                logger.log_image(grid, "samples", shown, role="run")  # the image slider
                 if final:
                     finish_logging(logger, history, tmp, mailbox, phase)
             ray.train.report(
@@ -164,6 +170,9 @@ def phase_worker(config: dict[str, Any]) -> None:
             if logger:
                 logger.close()
         return
+    finally:
+        if monitor is not None:
+            monitor.finish()
     check_replicas_equal(trainer)
 
 
@@ -179,10 +188,40 @@ def finish_logging(
     from pipeline.plots import plot_phase_curves
 
     if history:
-        logger.log_artifact(plot_phase_curves(history, Path(tmp) / "losses.png"), "plots")
+        plot = plot_phase_curves(history, Path(tmp) / "losses.png")
+        logger.log_artifact(plot, "plots", role="phase")
     undelivered = logger.close()
     if undelivered:
         post(mailbox, "tracking", phase.index, **undelivered)
+
+
+def start_system_metrics(config: dict[str, Any], ctx: Any):
+    """MLflow's system-metrics monitor (CPU, memory, disk, network; GPU utilisation and
+    memory where pynvml sees GPUs) on the phase run, from the first rank of each node (it
+    reports the whole node); metric names carry the node rank when there are several nodes.
+    The sampling interval is MLflow's ($MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL, default
+    here `tracking.system_metrics_interval_s`). None where it is switched off or failed."""
+    interval = config.get("system_metrics_interval_s")
+    if not interval or ctx.get_local_rank() != 0:
+        return None
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        node = ctx.get_node_rank()
+        several = ctx.get_world_size() > ctx.get_local_world_size()
+        with fail_fast_http():  # it reads the run: a server that is away must not stall us
+            monitor = SystemMetricsMonitor(
+                config["child_run_id"],
+                sampling_interval=interval,
+                resume_logging=True,
+                node_id=f"node{node}" if several else None,
+                tracking_uri=config["tracking_uri"],
+            )
+        monitor.start()
+        return monitor
+    except Exception as err:  # e.g. psutil missing: training goes on without them
+        log.warning("no system metrics: %s", err)
+        return None
 
 
 def view_of(trainer: GANTrainer, phase: Phase, final: bool) -> tuple[int, float]:

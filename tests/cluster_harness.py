@@ -447,8 +447,11 @@ def _wait_for_two_nodes(
 
 
 @contextlib.contextmanager
-def mlflow_server(backend_dir: Path, *, timeout: float = 120.0) -> Iterator[str]:
-    """An `mlflow server` on 127.0.0.1 storing under `backend_dir`; yields its URL.
+def mlflow_server(
+    backend_dir: Path, *, timeout: float = 120.0, port: int | None = None
+) -> Iterator[str]:
+    """An `mlflow server` on 127.0.0.1 storing under `backend_dir`; yields its URL. Given a
+    `port`, it listens there (a server restarted on the same store and address).
 
     SQLite backend store, artifacts proxied by the server into `backend_dir/artifacts`
     (`--serve-artifacts` is the default), one uvicorn worker, and no job-execution runner
@@ -456,7 +459,7 @@ def mlflow_server(backend_dir: Path, *, timeout: float = 120.0) -> Iterator[str]
     """
     backend_dir = Path(backend_dir).resolve()
     backend_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     url = f"http://{LOOPBACK}:{port}"
     log = backend_dir / "server.log"
     cmd = [

@@ -39,3 +39,12 @@ def local_ray():
     if not ray.is_initialized():
         ray.init(num_cpus=2, log_to_driver=False)
     yield ray
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """The tiny `make demo` run (tests/demo_run.py), finished once and shared by the CLI
+    test and the MLflow review tests."""
+    from tests.demo_run import run_tiny_demo
+
+    return run_tiny_demo(tmp_path_factory.mktemp("demo"))

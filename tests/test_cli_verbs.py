@@ -10,7 +10,6 @@ import csv
 import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 import zipfile
@@ -23,45 +22,22 @@ from pipeline.config import load_config_dict
 from preprocessing.lmdb_store import LmdbImageDataset, read_manifest
 from tests.cluster_harness import free_port
 from tests.conftest import REPO_ROOT
+from tests.demo_run import PROGAN, progan
 
 pytestmark = pytest.mark.slow
-PROGAN = str(Path(sys.executable).parent / "progan")
-TINY = [
-    "model.resolution=8",
-    "model.latent_size=16",
-    "model.fmap_base=64",
-    "model.fmap_max=16",
-    "schedule.transition_kimg=0.032",
-    "schedule.stabilize_kimg=0.032",
-    "schedule.total_kimg=null",
-    "schedule.batch_base=8",
-    "run.checkpoint_every_kimg=0.032",
-    "run.log_every_kimg=0.016",
-    "run.sample_grid=4",
-    "scaling.cpus_per_worker=1",
-    "eval.enabled=false",
-]
 
 
-def progan(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    out = subprocess.run(
-        [PROGAN, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout
-    )
-    print(out.stdout[-4000:], out.stderr[-4000:])
-    return out
-
-
-def test_run_with_the_builtin_sample_faces_prepares_then_trains_like_make_demo(tmp_path):
+def test_run_with_the_builtin_sample_faces_prepares_then_trains_like_make_demo(demo_run):
     """`make demo`'s path at a tiny size: built-in faces -> MTCNN -> LMDBs -> training
-    (one 8x8 phase: the growing phases have their own tests)."""
+    (4x4 and 8x8; the run is shared with tests/test_mlflow_review.py)."""
     demo = REPO_ROOT / "conf" / "demo.yaml"
     assert load_config_dict(demo)["data"]["source"] == "builtin:sample-faces"
-    out = progan("run", demo, *TINY, "data.sample_faces=12", "--run-id", "demo", cwd=tmp_path)
+    out, tmp_path = demo_run.out, demo_run.cwd
     assert out.returncode == 0
     assert "making 12 built-in sample faces" in out.stdout
     faces = LmdbImageDataset(tmp_path / "runs" / "demo-data", 8)
     assert len(faces) > 0 and faces[len(faces) - 1].shape == (3, 8, 8)  # opening checks counts
-    run_dir = tmp_path / "runs" / "demo"
+    run_dir = demo_run.run_dir
     assert (run_dir / "generator.pt").is_file() and (run_dir / "phases.md").is_file()
     assert (tmp_path / "runs" / "mlflow.db").is_file()
 

@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     from progan.sampling import edit_latents, save_grid
 
     check_indices(args)
-    gen = load_generator(args.ckpt, args.device)
+    gen = load_generator(args.ckpt, args.device, args.tracking_uri)
     print(gen.describe())
     direction = direction_for(args, gen)
     if args.with_:

@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.evaluation import EvaluationError, evaluate_generator
 
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
-    gen = load_generator(args.ckpt, args.device)
+    gen = load_generator(args.ckpt, args.device, args.tracking_uri)
     if not (args.data / "manifest.json").is_file():
         raise ToolError(
             f"--data {args.data} is not a prepared dataset (no manifest.json); make one with "

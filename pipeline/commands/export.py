@@ -157,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "onnx":
         require_onnx()
     save, load = FORMATS[args.format]
-    gen = load_generator(args.ckpt, args.device)
+    gen = load_generator(args.ckpt, args.device, args.tracking_uri)
     print(gen.describe())
     module = gen.fixed_module()
     example = gen.latents(0, 2).to(gen.device)

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.out is None and args.individual is None:
         raise ToolError("nothing to write: give --out GRID.png and/or --individual DIR")
-    gen = load_generator(args.ckpt, args.device)
+    gen = load_generator(args.ckpt, args.device, args.tracking_uri)
     print(gen.describe())
     images = gen.render(gen.latents(args.seed, args.n), args.size, args.truncation, args.batch_size)
     if args.out is not None:

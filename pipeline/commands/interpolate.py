@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         raise ToolError(f"--fps must be positive, got {args.fps}")
     if suffix == ".mp4":
         require_pyav()  # before any rendering
-    gen = load_generator(args.ckpt, args.device)
+    gen = load_generator(args.ckpt, args.device, args.tracking_uri)
     print(gen.describe())
     z = frame_latents(gen, args.seed, args.keyframes, args.steps, args.method)
     frames = gen.render_uint8(z, args.size, args.truncation, args.batch_size)
