@@ -176,6 +176,7 @@ def prepare_dataset(
             src = open_source(source)
         else:  # only the cluster's nodes see it
             started_ray = ensure_ray(address)
+            plan_workers(alive_node_resources(), workers, gpus_per_worker)  # before any task
             src = list_remotely(os.fspath(source), timeout_s)
         src = src.limited(config.limit)
         out = Path(out_dir)
@@ -191,18 +192,18 @@ def prepare_dataset(
 
         shards = shards_of(src.keys, config.shard_size)
         pending = [(i, k) for i, k in enumerate(shards) if not shard_path(out, i).is_file()]
-        (out / PROGRESS).mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / PROGRESS / "run.json", run, sort_keys=True)
         in_process = len(shards) == 1 and address is None and not gpus_per_worker
         plan = WorkerPlan(1, 0.0)
-        stats = {"nodes": set(), "timings": {}}
-        if not in_process:
+        if not in_process:  # resources checked before anything is written or started
             started_ray = ensure_ray(address) or started_ray
             plan = plan_workers(alive_node_resources(), workers, gpus_per_worker, len(pending))
-            if pending:
-                stats = run_shards(out, src, config, pending, plan, timeout_s, progress)
-        elif pending:
+        (out / PROGRESS).mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / PROGRESS / "run.json", run, sort_keys=True)
+        stats = {"nodes": set(), "timings": {}}
+        if pending and in_process:
             stats = run_in_process(out, src, config, pending)
+        elif pending:
+            stats = run_shards(out, src, config, pending, plan, timeout_s, progress)
         t_merge = time.perf_counter()
         _close_own_readers(out)
         counts = merge(out, len(shards), resolutions, timeout_s, in_process)

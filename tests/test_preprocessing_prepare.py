@@ -79,6 +79,13 @@ def test_killed_run_resumes_to_the_same_bytes(local_ray, tmp_path):
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     args = ["prepare", str(photos), str(killed), "--resolution", "32", "--shard-size", "4"]
     cmd = [sys.executable, "-m", "pipeline.cli", *args, "--workers", "1"]
+    # GPUs asked of a cluster without any: refused in one line before anything is written
+    refused = subprocess.run(
+        [*cmd, "--gpus-per-worker", "0.5"], capture_output=True, text=True, timeout=300
+    )
+    assert refused.returncode == 2 and not killed.exists()
+    assert "gpus_per_worker: 0.5 asks for GPUs but the Ray cluster has" in refused.stderr
+
     proc = subprocess.Popen(
         cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
