@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -44,7 +45,7 @@ def tiny_spec(tmp_path: Path, dataset: Path, **sections) -> dict:
         },
         "search_space": {"train.ema_beta": {"grid": [0.0, 0.5, 0.99, 1.0]}},
         "search": {"algorithm": "grid", "max_concurrent_trials": 2},
-        "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+        "scheduler": {"type": "asha", "reduction_factor": 2},
     }
     for key, value in sections.items():
         spec[key] = value
@@ -110,7 +111,11 @@ def write_spec(tmp_path: Path, spec: dict, name: str = "spec.yaml") -> Path:
         ),
         ("search", {"algorithm": "bayes"}, "search.algorithm: Input should be 'random', 'grid'"),
         ("search", {"metric": "d_loss"}, "search.metric: 'd_loss' is not an end-of-phase metric"),
-        ("scheduler", {"grace_period": 5}, "scheduler.grace_period: 5 exceeds max_t 2"),
+        (
+            "scheduler",
+            {"grace_period": 5},
+            "scheduler.grace_period: 5 kimg exceeds max_t 0.192 kimg",
+        ),
         ("trial", {"model": {"resolution": 48}}, "trial: model.resolution: must be a power"),
         ("bogus", 1, "bogus: unknown key; allowed here: base, name, scheduler, search"),
     ],
@@ -162,87 +167,163 @@ def dataset(tmp_path_factory):
     return make_tiny_dataset(tmp_path_factory.mktemp("data"))
 
 
-def finished_trials(trials: Path) -> set[str]:
-    out = set()
-    for state in trials.glob("*/state.json"):
-        try:
-            if json.loads(state.read_text())["finished"]:
-                out.add(state.parent.name)
-        except (json.JSONDecodeError, KeyError):
-            pass  # being written
+def results_of(sweep_dir: Path) -> dict[str, list[dict]]:
+    """Each trial's results as Tune wrote them (ray/<trial id>/result.json)."""
+    out = {}
+    for path in (sweep_dir / "ray").glob("*/result.json"):
+        rows = []
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # being written
+        out[path.parent.name] = rows
     return out
 
 
-@pytest.mark.slow
-def test_sweep_killed_and_resumed_stops_bad_trials_and_writes_best_config(
-    local_ray, dataset, tmp_path, capsys
-):
-    from pipeline.tune import resume_sweep
-
-    spec = write_spec(tmp_path, tiny_spec(tmp_path, dataset))
-    sweep_dir = tmp_path / "runs" / "tune" / "t"
-    log = (tmp_path / "sweep.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "tune", str(spec), "--name", "t"],
+def tune_cli(*args: str, log: Path, **popen) -> subprocess.Popen:
+    """`progan tune ...` as a user types it, in its own process group."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "tune", *args],
         cwd=REPO_ROOT,
-        stdout=log,
+        stdout=log.open("w"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+        **popen,
     )
-    deadline = time.time() + 240
-    while not finished_trials(sweep_dir / "trials") and time.time() < deadline:
-        assert proc.poll() is None, (tmp_path / "sweep.log").read_text()[-3000:]
-        time.sleep(0.5)
-    time.sleep(5)  # > Tune's experiment-state period (2 s here): the finish is on disk
-    assert proc.poll() is None, "the sweep ended before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done_before = finished_trials(sweep_dir / "trials")
-    assert done_before and not (sweep_dir / "summary.md").exists()
-    generator_mtime = {
-        t: (sweep_dir / "trials" / t / "generator.pt").stat().st_mtime_ns for t in done_before
-    }
 
-    result = resume_sweep(sweep_dir)
 
-    rows = {r.trial_id: r for r in result.rows}
-    assert len(rows) == 4
-    for t in done_before:  # not rerun: one attempt, generator untouched
-        assert rows[t].attempts == 1 and rows[t].status == "completed"
-        assert (sweep_dir / "trials" / t / "generator.pt").stat().st_mtime_ns == generator_mtime[t]
-    statuses = sorted(r.status for r in rows.values())
-    assert "early_stopped" in statuses and "completed" in statuses and "error" not in statuses
-    for r in rows.values():
-        assert r.phases_done == (2 if r.status == "completed" else 1)
-    assert result.best is not None and result.best.params == {"train.ema_beta": 0.0}
-
-    # MLflow: the sweep run, each trial's pipeline run nested under it with its status
-    client = MlflowClient(result.tracking_uri)
-    sweep_run = client.get_run(result.mlflow_run_id)
-    assert sweep_run.info.status == "FINISHED"
-    assert sweep_run.data.tags["best_trial"] == result.best.trial_id
-    assert {a.path for a in client.list_artifacts(result.mlflow_run_id)} >= {
-        "summary.md",
-        "summary.csv",
-        "best.yaml",
-        "tune.yaml",
-    }
+def trial_runs(uri: str, sweep_run_id: str) -> dict[str, Any]:
+    """trial id -> its MLflow run, for the trials nested under the sweep run."""
+    client = MlflowClient(uri)
     exp = client.get_experiment_by_name("progan")
-    children = client.search_runs(
-        [exp.experiment_id], f"tags.mlflow.parentRunId = '{result.mlflow_run_id}'"
-    )
-    assert sorted(c.info.run_name for c in children) == sorted(rows)
-    for child in children:
-        row = rows[child.info.run_name]
-        assert child.data.tags["status"] == row.status
-        assert child.info.status == ("KILLED" if row.status == "early_stopped" else "FINISHED")
-        assert child.data.params["train.ema_beta"] == str(row.params["train.ema_beta"])
+    runs = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{sweep_run_id}'")
+    return {r.data.tags["tune.trial_id"]: r for r in runs}
 
-    # best.yaml: the base's full plan (start 4, not the trial's 8) with the best value
-    best = load_config(result.best_config)
+
+@pytest.mark.slow
+def test_tune_killed_with_kill_9_then_resume_continues_unfinished_trials_only(dataset, tmp_path):
+    """Trials one at a time: kill -9 while the second is mid-phase; `progan tune --resume`
+    must not rerun the first and must continue the second from its checkpoint; ASHA (its
+    rungs restored) still stops the bad trials and the best config is the good one."""
+    spec = tiny_spec(
+        tmp_path,
+        dataset,
+        search={"algorithm": "grid", "max_concurrent_trials": 1},
+    )
+    spec["trial"]["schedule"]["stabilize_kimg"] = 0.768
+    spec["trial"]["run"] = {"checkpoint_every_kimg": 0.048}
+    path = write_spec(tmp_path, spec)
+    sweep_dir = tmp_path / "runs" / "tune" / "t"
+    total = 1.536
+    proc = tune_cli(str(path), "--name", "t", log=tmp_path / "sweep.log")
+    deadline, killed_at = time.time() + 300, None
+    while time.time() < deadline:
+        assert proc.poll() is None, (tmp_path / "sweep.log").read_text()[-3000:]
+        results = results_of(sweep_dir)
+        done = [t for t, rows in results.items() if rows and rows[-1]["kimg"] >= total]
+        # mid-way through its first phase: before ASHA's first rung (0.768), with a checkpoint
+        # (every result has one, and each forces Tune's experiment snapshot)
+        midway = [t for t, rows in results.items() if rows and 0.096 <= rows[-1]["kimg"] < 0.5]
+        if done and midway:
+            os.killpg(proc.pid, signal.SIGKILL)
+            killed_at = results
+            break
+        time.sleep(0.1)
+    assert killed_at is not None, "no moment with one trial done and one mid-phase"
+    proc.wait()
+    assert not (sweep_dir / "summary.md").exists()
+    finished = {t for t, rows in killed_at.items() if rows and rows[-1]["kimg"] >= total}
+    unfinished = {t for t, rows in killed_at.items() if rows and rows[-1]["kimg"] < total}
+    assert finished and unfinished
+
+    resumed = tune_cli("--resume", str(sweep_dir), log=tmp_path / "resume.log")
+    assert resumed.wait(timeout=400) == 0, (tmp_path / "resume.log").read_text()[-3000:]
+
+    after = results_of(sweep_dir)
+    for t in finished:  # not run again: no result added
+        assert after[t] == killed_at[t]
+    for t in unfinished:  # continued from a checkpoint it had reported, not from scratch
+        new = after[t][len(killed_at[t]) :]
+        assert new, f"trial {t} reported nothing after the resume"
+        start = new[0]["start_kimg"]
+        assert start > 0 and start in {r["kimg"] for r in killed_at[t]}
+        assert all(r["kimg"] > start for r in new)
+    info = json.loads((sweep_dir / "sweep.json").read_text())
+    runs = trial_runs(info["tracking_uri"], info["mlflow_run_id"])
+    assert len(runs) == 4
+    by_beta = {float(r.data.params["train.ema_beta"]): r.data.tags["status"] for r in runs.values()}
+    assert by_beta[0.0] == "completed" and "early_stopped" in (by_beta[0.99], by_beta[1.0])
+    summary = (sweep_dir / "summary.md").read_text()
+    assert "early_stopped" in summary and "(train.ema_beta=0)" in summary
+    best = load_config(sweep_dir / "best.yaml")
     assert best.train.ema_beta == 0.0 and best.schedule.start_resolution == 4
-    assert best.run.root == str(tmp_path / "runs")
-    capsys.readouterr()
-    assert main(["run", str(result.best_config), "--dry-run", "--run-id", "best"]) == 0
-    assert "nothing was run" in capsys.readouterr().out
-    assert "early_stopped" in (sweep_dir / "summary.md").read_text()
+
+
+@pytest.mark.slow
+def test_pbt_demo_sweep_exploits_and_shows_the_lineage_in_mlflow(dataset, tmp_path):
+    """conf/tune/pbt-demo.yaml at a tiny size: at each phase end the worse trial copies the
+    better one's checkpoint; the copy shows in its MLflow run's tags and in its results."""
+    tiny = {
+        "base.run.root": str(tmp_path / "runs"),
+        "base.data.dataset": str(dataset),
+        "base.data.source": "null",
+        "base.model.resolution": 16,
+        "trial.model.latent_size": 16,
+        "trial.model.fmap_base": 64,
+        "trial.model.fmap_max": 16,
+        "trial.schedule.transition_kimg": 0.096,
+        "trial.schedule.stabilize_kimg": 0.096,
+        "trial.schedule.batch_base": 8,
+        "trial.run.checkpoint_every_kimg": 0.096,
+        "trial.run.log_every_kimg": 0.048,
+        "trial.run.sample_grid": 4,
+        "trial.eval.num_images": 32,
+        "scheduler.perturbation_interval": 0.096,
+    }
+    overrides = [f"{k}={v}" for k, v in tiny.items()]
+    spec = REPO_ROOT / "conf" / "tune" / "pbt-demo.yaml"
+    proc = tune_cli(str(spec), *overrides, "--name", "pbt", log=tmp_path / "pbt.log")
+    assert proc.wait(timeout=400) == 0, (tmp_path / "pbt.log").read_text()[-3000:]
+    sweep_dir = tmp_path / "runs" / "tune" / "pbt"
+    results = results_of(sweep_dir)
+    assert len(results) == 2
+    exploited = {t for t, rows in results.items() if rows[-1]["pbt_exploits"] >= 1}
+    assert exploited, "no trial copied the other's checkpoint"
+    info = json.loads((sweep_dir / "sweep.json").read_text())
+    runs = trial_runs(info["tracking_uri"], info["mlflow_run_id"])
+    for t in exploited:
+        tags = runs[t].data.tags
+        other = (set(results) - {t}).pop()
+        assert tags["pbt.exploited_from"] == other
+        assert tags["pbt.lineage"].startswith(other)
+        assert all(r["kimg"] >= 0.096 for r in results[t] if r.get("pbt_exploits"))
+    assert (sweep_dir / "best.yaml").is_file()
+
+
+def test_asha_decisions_after_a_restart_still_compare_with_earlier_trials(tmp_path):
+    """The sweep's ASHA saves its rungs after each decision and a new instance (what a
+    resumed sweep builds) restores them: a worse trial arriving after the restart is
+    stopped; without the saved rungs it would be the first arrival and continue."""
+    from types import SimpleNamespace
+
+    from pipeline.tune import PersistentASHA
+
+    def scheduler() -> PersistentASHA:
+        asha = PersistentASHA(
+            str(tmp_path / "scheduler.pkl"), time_attr="kimg", grace_period=1.0, max_t=4.0
+        )
+        asha.set_search_properties("swd", "min")
+        return asha
+
+    first, good, bad = scheduler(), SimpleNamespace(trial_id="a"), SimpleNamespace(trial_id="b")
+    first.on_trial_add(None, good)
+    assert first.on_trial_result(None, good, {"kimg": 1.0, "swd": 10.0}) == "CONTINUE"
+    restarted = scheduler()
+    restarted.on_trial_add(None, bad)
+    assert restarted.on_trial_result(None, bad, {"kimg": 1.0, "swd": 50.0}) == "STOP"
+    fresh = PersistentASHA(str(tmp_path / "none.pkl"), time_attr="kimg", grace_period=1.0, max_t=4)
+    fresh.set_search_properties("swd", "min")
+    fresh.on_trial_add(None, bad)
+    assert fresh.on_trial_result(None, bad, {"kimg": 1.0, "swd": 50.0}) == "CONTINUE"
