@@ -22,6 +22,7 @@ from pipeline.config import (
     validate_config,
 )
 from progan.checkpoint import save_checkpoint
+from progan.loop import LoopOptions
 from progan.schedule import Phase
 from progan.trainer import GANTrainer
 
@@ -145,3 +146,15 @@ def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
         elif a != b:
             out.append(name)
     return out
+
+
+def loop_options(cfg: PipelineConfig, log_every_images: int | None = None) -> LoopOptions:
+    """The phase loop's cadence and data settings from the config (`run.*_kimg`,
+    `data.loader_workers`, `data.preload_mb`); `log_every_images` overrides the stats
+    cadence (train-local checks its time budget after every step)."""
+    return LoopOptions(
+        log_every_images=log_every_images or max(1, round(cfg.run.log_every_kimg * 1000)),
+        checkpoint_every_images=max(1, round(cfg.run.checkpoint_every_kimg * 1000)),
+        num_workers=cfg.data.loader_workers,
+        preload_bytes=round(cfg.data.preload_mb * 2**20),
+    )

@@ -38,6 +38,7 @@ from pipeline.common import (
     ensure_dataset,
     evaluate_trainer,
     export_state,
+    loop_options,
 )
 from pipeline.config import (
     ConfigError,
@@ -47,7 +48,7 @@ from pipeline.config import (
 from preprocessing.lmdb_store import LmdbImageDataset
 from progan.checkpoint import load_checkpoint, save_checkpoint
 from progan.device import configure_device
-from progan.loop import LoopOptions, run_phase
+from progan.loop import run_phase
 from progan.sampling import fixed_latents, generate, save_grid
 from progan.schedule import Phase, phase_plan
 from progan.trainer import GANTrainer
@@ -267,12 +268,7 @@ class LocalRun:
             highlight=False,
         )
         cfg = self.cfg
-        options = LoopOptions(
-            log_every_images=self.log_every,
-            checkpoint_every_images=max(1, round(cfg.run.checkpoint_every_kimg * 1000)),
-            num_workers=cfg.data.loader_workers,
-            preload_bytes=round(cfg.data.preload_mb * 2**20),
-        )
+        options = loop_options(cfg, log_every_images=self.log_every)
         dataset = LmdbImageDataset(cfg.data.dataset, phase.resolution)
         self.segment = (phase, time.perf_counter())
         try:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from pipeline.common import evaluate_trainer, export_state
+from pipeline.common import evaluate_trainer, export_state, loop_options
 from pipeline.config import PipelineConfig, merge, validate_config
 from pipeline.metric_logger import MetricLogger
 from pipeline.storage import STATE_FILE
@@ -38,7 +38,7 @@ from pipeline.worker import LOGGED_STATS, view_of
 from preprocessing.lmdb_store import LmdbImageDataset
 from progan.checkpoint import load_checkpoint, save_checkpoint
 from progan.device import configure_device
-from progan.loop import LoopOptions, run_phase
+from progan.loop import run_phase
 from progan.sampling import fixed_latents, generate, save_grid
 from progan.schedule import Phase
 from progan.trainer import GANTrainer
@@ -249,12 +249,7 @@ class InProcessTrial:
             self.report(phase, final, metrics, logger)
             clock[0] = time.perf_counter()
 
-        options = LoopOptions(
-            log_every_images=max(1, round(cfg.run.log_every_kimg * 1000)),
-            checkpoint_every_images=max(1, round(cfg.run.checkpoint_every_kimg * 1000)),
-            num_workers=cfg.data.loader_workers,
-            preload_bytes=round(cfg.data.preload_mb * 2**20),
-        )
+        options = loop_options(cfg)
         dataset = LmdbImageDataset(cfg.data.dataset, phase.resolution)
         run_phase(trainer, dataset, phase, options, on_stats, on_checkpoint)
         lost = logger.close()

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline.common import evaluate_trainer
+from pipeline.common import evaluate_trainer, loop_options
 from pipeline.config import PipelineConfig
 from pipeline.mailbox import post
 from pipeline.metric_logger import MetricLogger
@@ -33,7 +33,7 @@ from pipeline.tracking import fail_fast_http
 from preprocessing.lmdb_store import LmdbImageDataset
 from progan.checkpoint import save_checkpoint
 from progan.device import configure_device
-from progan.loop import LoopOptions, run_phase
+from progan.loop import run_phase
 from progan.sampling import fixed_latents, generate, save_grid
 from progan.schedule import Phase
 from progan.trainer import GANTrainer, NonFiniteLossError
@@ -154,12 +154,7 @@ def phase_worker(config: dict[str, Any]) -> None:
                 metrics, checkpoint=checkpoint, checkpoint_dir_name=f"images-{shown:09d}"
             )
 
-    options = LoopOptions(
-        log_every_images=max(1, round(cfg.run.log_every_kimg * 1000)),
-        checkpoint_every_images=max(1, round(cfg.run.checkpoint_every_kimg * 1000)),
-        num_workers=cfg.data.loader_workers,
-        preload_bytes=round(cfg.data.preload_mb * 2**20),
-    )
+    options = loop_options(cfg)
     try:
         run_phase(trainer, dataset, phase, options, on_stats, on_checkpoint)
     except NonFiniteLossError as err:
