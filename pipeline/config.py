@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from progan.config import (
     GANConfig,
@@ -68,6 +69,21 @@ class ScalingSection(StrictModel):
         description="custom Ray resources each worker needs (e.g. {trainer_node: 1} to place "
         "workers on the nodes that advertise it)",
     )
+
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _int_or_map(cls, value: Any) -> Any:
+        """One error naming the key (not one per branch of the union) for anything else."""
+        if isinstance(value, dict):
+            return value
+        try:
+            return TypeAdapter(int).validate_python(value)
+        except ValidationError:
+            raise PydanticCustomError(
+                "int_parsing",
+                "Input should be a valid integer or a map of resolution to workers, got {value}",
+                {"value": repr(value)},
+            ) from None
 
     @field_validator("num_workers")
     @classmethod
