@@ -214,7 +214,7 @@ def test_progan_ui_shows_the_training_view_curves_samples_model_and_dataset(revi
     shots.mkdir()
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page = browser.new_page(viewport={"width": 1600, "height": 900})
         page.set_default_timeout(60_000)
         expect.set_options(timeout=60_000)  # a busy machine's first search takes a while
 
@@ -266,7 +266,11 @@ def test_progan_ui_shows_the_training_view_curves_samples_model_and_dataset(revi
 
 
 def close_assistant(page) -> None:
-    """Close MLflow's assistant side panel, if it is open (it hides part of the page)."""
+    """Close MLflow's assistant side panel (it opens by itself, a moment after the page,
+    and hides part of it) if it shows up within a few seconds."""
     close = page.get_by_role("button", name="Close", exact=True)
-    if page.get_by_text("MLflow Assistant", exact=True).count() and close.count():
-        close.first.click()
+    try:
+        close.first.wait_for(state="visible", timeout=5000)
+    except Exception:  # no panel: nothing to close
+        return
+    close.first.click()
