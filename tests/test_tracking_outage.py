@@ -1,4 +1,5 @@
-"""Rank 0's MLflow logging against a real `mlflow server` that goes down and comes back.
+"""Rank 0's MLflow logging against a real `mlflow server` that goes down and comes back
+(and the driver's experiment tagging, on SQLite).
 
 `pipeline.metric_logger.MetricLogger` only queues (training never waits on the server);
 its sender keeps what the server refused and delivers it once the server is back. What is
@@ -75,3 +76,19 @@ def test_a_server_that_drops_and_comes_back_receives_everything(tmp_path):
         assert steps(client, run, "g_loss") == []
         assert image_steps(client, run) == [32, 48]
         assert image_steps(client, phase) == []
+
+
+def test_an_experiment_made_before_the_tag_is_tagged_a_training_experiment(tmp_path):
+    """`progan run` on an existing experiment (e.g. from an older version) tags it, and
+    leaves a kind the user chose alone."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    client.create_experiment("older")
+    chosen = client.create_experiment("chosen", tags={"mlflow.experimentKind": "finetuning"})
+    Tracker(uri, "older", tmp_path / "artifacts")
+    Tracker(uri, "chosen", tmp_path / "artifacts")
+    Tracker(uri, "new", tmp_path / "artifacts")
+    for name in ("older", "new"):
+        kind = client.get_experiment_by_name(name).tags["mlflow.experimentKind"]
+        assert kind == "custom_model_development", name
+    assert client.get_experiment(chosen).tags["mlflow.experimentKind"] == "finetuning"
