@@ -305,8 +305,8 @@ def _run_locked(
         ]
         generator, uri = run_dir / "generator.pt", state.tracking_uri or ""
         return RunResult(run_id, run_dir, generator, uri, state.parent_run_id or "", rows)
+    init_ray(cfg.ray_address)  # first: a prepare from data.source runs on this Ray too
     ensure_dataset(cfg, plan, console)
-    init_ray(cfg.ray_address)
     uri = resolve_uri(cfg.tracking.uri, cfg.run.root)
     storage = storage_root(cfg, run_dir)
     env = worker_env(uri)

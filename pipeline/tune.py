@@ -252,7 +252,8 @@ def sweep_tracker(sweep: Sweep):
 
 
 def start_ray(sweep: Sweep, address: str | None, console: Console) -> None:
-    """Ray (local or the cluster), then the pipeline's cluster checks once for the sweep."""
+    """Ray (local or the cluster), the dataset (prepared on that Ray if needed), then the
+    pipeline's cluster checks once for the sweep."""
     from pipeline.run import check_cluster, init_ray, worker_env
 
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", CHECKPOINT_PERIOD_S)
@@ -263,6 +264,7 @@ def start_ray(sweep: Sweep, address: str | None, console: Console) -> None:
     # what makes a kill lose nothing; no warning about it on each one
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     init_ray(address or sweep.base_cfg.ray_address)
+    prepare_data(sweep, console)
     cfg, uri = sweep.trial_cfg, sweep.tracking_uri
     sweep.sweep_dir.mkdir(parents=True, exist_ok=True)
     check_cluster(cfg, uri, sweep.plan, str(sweep.sweep_dir), worker_env(uri))
@@ -288,7 +290,6 @@ def start_sweep(
             f"name: sweep {sweep.name} exists in {sweep.sweep_dir}; "
             f"continue it with --resume {sweep.sweep_dir}, or choose another name"
         )
-    prepare_data(sweep, console)
     start_ray(sweep, address, console)
     tracker = sweep_tracker(sweep)
     tags = {"tune.sweep": sweep.name, "sweep_dir": str(sweep.sweep_dir), "kind": "tune-sweep"}
