@@ -254,6 +254,8 @@ def test_tune_killed_with_kill_9_then_resume_continues_unfinished_trials_only(da
     runs = trial_runs(info["tracking_uri"], info["mlflow_run_id"])
     assert len(runs) == 4
     by_beta = {float(r.data.params["train.ema_beta"]): r.data.tags["status"] for r in runs.values()}
+    for run in runs.values():  # MLflow's compare view of the trials: searched key + metric
+        assert "SWDx1e3_avg" in run.data.metrics and "train.ema_beta" in run.data.params
     assert by_beta[0.0] == "completed" and "early_stopped" in (by_beta[0.99], by_beta[1.0])
     summary = (sweep_dir / "summary.md").read_text()
     assert "early_stopped" in summary and "(train.ema_beta=0)" in summary
