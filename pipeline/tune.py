@@ -29,6 +29,7 @@ import contextlib
 import json
 import os
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from ray.tune.schedulers import AsyncHyperBandScheduler
 from rich.console import Console
 
 from pipeline.config import ConfigError, absolute_paths, validate_config
+from pipeline.tune_space import Dimension
 from pipeline.tune_spec import (
     CHECKPOINT_PERIOD_S,
     SCHEDULER_FILE,
@@ -144,6 +146,15 @@ def trial_resources(sweep: Sweep) -> dict[str, float]:
     return s.worker_resources
 
 
+def keep_in_range(dimensions: list[Dimension], config: dict[str, Any]) -> dict[str, Any]:
+    """PBT's explore step, after its perturbation: every value back inside its range (a
+    learning rate x 1.2 past the top of its log-uniform range, an EMA beta past 1)."""
+    for dim in dimensions:
+        if dim.key in config:
+            config[dim.key] = dim.clamp(config[dim.key])
+    return config
+
+
 def make_scheduler(sweep: Sweep):
     """ASHA (persistent), PBT over the search space, or FIFO, all clocked in kimg."""
     from ray.tune.schedulers import FIFOScheduler, PopulationBasedTraining
@@ -161,7 +172,8 @@ def make_scheduler(sweep: Sweep):
         return PopulationBasedTraining(
             time_attr=TIME_ATTR,
             perturbation_interval=sch.perturbation_interval or sweep.first_measured_kimg,
-            hyperparam_mutations={d.key: d.to_tune("random") for d in sweep.dimensions},
+            hyperparam_mutations={d.key: d.pbt_mutation() for d in sweep.dimensions},
+            custom_explore_fn=partial(keep_in_range, sweep.dimensions),
             quantile_fraction=sch.quantile_fraction,
             resample_probability=sch.resample_probability,
             require_attrs=False,  # mid-phase checkpoints carry no metric; PBT skips them

@@ -49,6 +49,22 @@ class Dimension:
             return tune.loguniform(*self.args)
         return tune.randint(self.args[0], self.args[1] + 1)  # ours is inclusive
 
+    def pbt_mutation(self):
+        """What PBT explores: a list for listed values (PBT moves to a neighbour; it would
+        scale a `tune.choice` like a number), the range's distribution otherwise."""
+        if self.kind in ("choice", "grid"):
+            return list(self.args)
+        return self.to_tune("random")
+
+    def clamp(self, value: Any) -> Any:
+        """A perturbed value (x 0.8 or x 1.2) brought back into the range it was drawn from;
+        listed values are returned as they are."""
+        if self.kind in ("choice", "grid"):
+            return value
+        low, high = self.args
+        value = min(max(value, low), high)
+        return round(value) if self.kind == "randint" else value
+
     def describe(self) -> str:
         return f"{self.kind} {self.args}"
 

@@ -73,7 +73,8 @@ def row_of(sweep: Sweep, result: Any) -> TrialRow:
     """One Tune `Result` as a summary row."""
     metric, mode = sweep.spec.search.metric, sweep.spec.search.mode
     last = result.metrics or {}
-    trial_id = last.get("trial_id") or Path(result.path).name
+    trial_id = Path(result.path).name  # the trial's own directory (a PBT copy's last
+    # result can carry the donor's id)
     params = {d.key: (result.config or {}).get(d.key) for d in sweep.dimensions}
     total = sweep.trial_kimg
     row = TrialRow(

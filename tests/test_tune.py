@@ -299,7 +299,7 @@ def test_pbt_demo_sweep_exploits_and_shows_the_lineage_in_mlflow(dataset, tmp_pa
         tags = runs[t].data.tags
         other = (set(results) - {t}).pop()
         assert tags["pbt.exploited_from"] == other
-        assert tags["pbt.lineage"].startswith(other)
+        assert tags["pbt.lineage"].split(" -> ")[-1].startswith(f"{other}@")  # the last copy
         assert all(r["kimg"] >= 0.096 for r in results[t] if r.get("pbt_exploits"))
     assert (sweep_dir / "best.yaml").is_file()
 
@@ -329,3 +329,23 @@ def test_asha_decisions_after_a_restart_still_compare_with_earlier_trials(tmp_pa
     fresh.set_search_properties("swd", "min")
     fresh.on_trial_add(None, bad)
     assert fresh.on_trial_result(None, bad, {"kimg": 1.0, "swd": 50.0}) == "CONTINUE"
+
+
+def test_pbt_explores_choices_as_lists_and_keeps_ranges():
+    """PBT scales a tune.choice like a number (EMA beta 0.9 x 1.2 = 1.08 failed a trial):
+    listed values go to PBT as lists, perturbed ranges are clamped back."""
+    from pipeline.tune import keep_in_range
+    from pipeline.tune_space import parse_dimension
+
+    dims = [
+        parse_dimension("schedule.lr_base", {"loguniform": [0.001, 0.01]}),
+        parse_dimension("train.n_critic", {"randint": [1, 3]}),
+        parse_dimension("train.ema_beta", {"choice": [0.9, 0.99]}),
+    ]
+    assert dims[2].pbt_mutation() == [0.9, 0.99]
+    perturbed = {"schedule.lr_base": 0.012, "train.n_critic": 3.6, "train.ema_beta": 0.99}
+    assert keep_in_range(dims, perturbed) == {
+        "schedule.lr_base": 0.01,
+        "train.n_critic": 3,
+        "train.ema_beta": 0.99,
+    }
