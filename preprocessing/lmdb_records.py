@@ -9,9 +9,10 @@ import json
 import os
 import struct
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import lmdb
 import numpy as np
@@ -129,21 +130,32 @@ class LmdbWriter:
         self.keys = None
 
 
-def write_json_atomic(path: str | os.PathLike, data: Any, **dumps: Any) -> Path:
-    """Write `data` as JSON to `path` through a temporary file and a rename, so a reader (or
-    a crash) never sees half a file. `dumps` goes to `json.dumps` (indent, sort_keys...).
-    The project's one atomic JSON writer: manifests, prepare progress, run and sweep state."""
+@contextmanager
+def atomic_file(path: str | os.PathLike, fsync: bool = False) -> Iterator[BinaryIO]:
+    """A binary file that appears at `path` only once complete: written to a temporary file
+    beside it, optionally fsynced, then renamed over `path` (removed on an error)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(data, **dumps) + "\n")
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any, **dumps: Any) -> Path:
+    """Write `data` as JSON to `path` through a temporary file and a rename, so a reader (or
+    a crash) never sees half a file. `dumps` goes to `json.dumps` (indent, sort_keys...).
+    The project's one atomic JSON writer: manifests, prepare progress, run and sweep state."""
+    with atomic_file(path) as f:
+        f.write((json.dumps(data, **dumps) + "\n").encode("utf-8"))
+    return Path(path)
 
 
 def write_manifest(dataset_dir: str | os.PathLike, manifest: dict) -> None:

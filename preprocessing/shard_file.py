@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from preprocessing.lmdb_records import atomic_file
 from preprocessing.rejects import Reject
 
 PROGRESS = "_progress"
@@ -50,20 +50,11 @@ def write_shard(out_dir: str | os.PathLike, result: ShardResult) -> Path:
         "timings": result.timings,
         "nodes": result.nodes,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(json.dumps(header, sort_keys=True).encode() + b"\n")
-            for _, payloads in result.records:
-                for r in resolutions:
-                    fh.write(payloads[r])
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, fsync=True) as fh:  # its presence marks the shard done
+        fh.write(json.dumps(header, sort_keys=True).encode() + b"\n")
+        for _, payloads in result.records:
+            for r in resolutions:
+                fh.write(payloads[r])
     return path
 
 
