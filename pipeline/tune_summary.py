@@ -16,10 +16,9 @@ from typing import Any
 
 from rich.table import Table
 
-from pipeline.config import dump_config, merge, validate_config
-from pipeline.tune_space import nested
+from pipeline.config import dump_config
 from pipeline.tune_spec import TIME_ATTR, Sweep, num_samples
-from pipeline.tune_trial import find_trial_run, fmt, params_text
+from pipeline.tune_trial import find_trial_run, fmt, params_text, trial_config
 
 EPS_KIMG = 1e-6
 
@@ -117,10 +116,7 @@ def pick_best(rows: list[TrialRow], mode: str) -> TrialRow | None:
 
 def write_best(sweep: Sweep, best: TrialRow) -> Path:
     """The base config (full size) with the best trial's sampled values: `progan run` input."""
-    raw = sweep.base_raw
-    for key, value in best.params.items():
-        raw = merge(raw, nested(key, value))
-    cfg = validate_config(raw)
+    cfg = trial_config(sweep.base_raw, best.params)
     path = dump_config(cfg, sweep.sweep_dir / "best.yaml")
     header = (
         f"# best of sweep {sweep.name}: trial {best.trial_id}, "

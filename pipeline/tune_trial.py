@@ -47,7 +47,8 @@ META_FILE = "trial.json"  # in each Tune checkpoint: whose state it is, lineage,
 
 
 def trial_config(trial_raw: dict[str, Any], params: dict[str, Any]) -> PipelineConfig:
-    """The trial's pipeline config: the sweep's trial config with the sampled values."""
+    """A raw config (the sweep's trial config, or the base for best.yaml) with the sampled
+    values set, validated."""
     raw = trial_raw
     for key, value in params.items():
         raw = merge(raw, nested(key, value))
