@@ -292,6 +292,70 @@ def _disconnect_driver(address: str) -> None:
 # --- the cluster ---
 
 
+@dataclass(frozen=True)
+class HeadInfo:
+    """A running `ray_head`: where to reach it and what to clean up."""
+
+    address: str  # "127.0.0.1:PORT", the GCS address
+    dashboard_url: str  # "http://127.0.0.1:PORT": dashboard and Jobs API
+    temp_dir: Path  # its --temp-dir (and TMPDIR); its `ray_current_cluster` file is here
+    proc: subprocess.Popen  # the `ray start --block` process, leader of its process group
+    log: Path
+
+
+@contextlib.contextmanager
+def ray_head(
+    num_cpus: int = 1,
+    *,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 120.0,
+    wait_for_dashboard: bool = True,
+) -> Iterator[HeadInfo]:
+    """A Ray head (`ray start --head --block`, dashboard and Jobs API on 127.0.0.1), as a user
+    starts one from the activated venv; killed by process group at exit, never `ray stop`.
+
+    Every port is chosen free and the temp dir is its own, so heads of tests running in
+    parallel neither clash nor are found by another test's `ray.init()` (Ray looks for the
+    latest `ray start` in the default temp dir only). Yields once the GCS listens and, unless
+    `wait_for_dashboard` is False (the caller waits later), the dashboard answers.
+    """
+    port, dash_port, client_port, agent_port = _free_ports(4)
+    address = f"{LOOPBACK}:{port}"
+    dashboard_url = f"http://{LOOPBACK}:{dash_port}"
+    # Short paths: Ray's unix sockets live under <temp dir>/session_*/sockets (107-char limit).
+    tmp = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))
+    log = tmp / "ray-start.log"
+    cmd = [
+        _tool("ray"), "start", "--head", "--block",
+        "--node-ip-address", LOOPBACK, "--port", str(port),
+        "--num-cpus", str(num_cpus),
+        "--include-dashboard", "true",
+        "--dashboard-host", LOOPBACK, "--dashboard-port", str(dash_port),
+        "--dashboard-agent-listen-port", str(agent_port),
+        "--ray-client-server-port", str(client_port),  # default 10001 clashes across clusters
+        "--temp-dir", str(tmp),
+        "--disable-usage-stats",
+    ]  # fmt: skip
+    head = None
+    try:
+        with open(log, "wb") as out:
+            head = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=_child_env(env, tmp), cwd="/", start_new_session=True,
+            )  # fmt: skip
+        _wait_for_port(port, head, log, "Ray head (GCS)", timeout)
+        if wait_for_dashboard:
+            _wait_http(f"{dashboard_url}/api/version", head, log, "Ray dashboard", timeout)
+        yield HeadInfo(address, dashboard_url, tmp, head, log)
+    finally:
+        _disconnect_driver(address)
+        if head is not None:
+            kill_group(head)
+        # Anything that left its process group but still names our temp dir.
+        _kill_pids(processes_mentioning(str(tmp)))
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def namespaced_cluster(
     hidden: list[Path],
@@ -317,78 +381,59 @@ def namespaced_cluster(
             raise ValueError(f"hidden path {p} must be an existing directory")
         if BIN.resolve().is_relative_to(p):
             raise ValueError(f"hidden path {p} holds the venv ({BIN}) the worker node runs")
-    port, dash_port, client_port, head_agent_port, worker_agent_port = _free_ports(5)
-    address = f"{LOOPBACK}:{port}"
-    dashboard_url = f"http://{LOOPBACK}:{dash_port}"
-    # Short paths: Ray's unix sockets live under <temp dir>/session_*/sockets (107-char limit).
-    head_tmp = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))
-    worker_tmp = Path(tempfile.mkdtemp(prefix="rw", dir="/tmp"))
-    head_log, worker_log = head_tmp / "ray-start.log", worker_tmp / "ray-start.log"
-    head_cmd = [
-        _tool("ray"), "start", "--head", "--block",
-        "--node-ip-address", LOOPBACK, "--port", str(port),
-        "--num-cpus", str(head_cpus),
-        "--include-dashboard", "true",
-        "--dashboard-host", LOOPBACK, "--dashboard-port", str(dash_port),
-        "--dashboard-agent-listen-port", str(head_agent_port),
-        "--ray-client-server-port", str(client_port),  # default 10001 clashes across clusters
-        "--temp-dir", str(head_tmp),
-        "--disable-usage-stats",
-    ]  # fmt: skip
-    worker_cmd = [
-        _tool("ray"), "start", "--block",
-        "--address", address,
-        "--node-ip-address", LOOPBACK,
-        "--num-cpus", str(worker_cpus),
-        "--resources", json.dumps(worker_resources or {}),
-        "--dashboard-agent-listen-port", str(worker_agent_port),
-        # Ray 2.60 takes a per-node temp dir; without it the worker would use the head's path.
-        "--temp-dir", str(worker_tmp),
-        "--disable-usage-stats",
-    ]  # fmt: skip
-    masks = [*hidden, head_tmp]
-    script = " && ".join(
-        [f"mount -t tmpfs -o size=16m tmpfs {shlex.quote(str(p))}" for p in masks]
-        + ["exec " + shlex.join(worker_cmd)]
-    )
-    head = worker = None
-    try:
-        with open(head_log, "wb") as out:
-            head = subprocess.Popen(
-                head_cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=_child_env(env, head_tmp), cwd="/", start_new_session=True,
-            )  # fmt: skip
-        _wait_for_port(port, head, head_log, "Ray head (GCS)", timeout)
-        # cwd="/": a process whose cwd is inside a hidden dir would still see its old contents.
-        with open(worker_log, "wb") as out:
-            worker = subprocess.Popen(
-                ["unshare", "-m", "--propagation", "private", "sh", "-c", script],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=_child_env(env, worker_tmp), cwd="/", start_new_session=True,
-            )  # fmt: skip
-        nodes = _wait_for_two_nodes(address, head, head_log, worker, worker_log, timeout)
-        _wait_http(f"{dashboard_url}/api/version", head, head_log, "Ray dashboard", timeout)
-        head_ids = [n["id"] for n in nodes if HEAD_RESOURCE in n["resources"]]
-        worker_ids = [n["id"] for n in nodes if HEAD_RESOURCE not in n["resources"]]
-        yield ClusterInfo(
-            address=address,
-            dashboard_url=dashboard_url,
-            head_temp_dir=head_tmp,
-            worker_temp_dir=worker_tmp,
-            head_node_id=head_ids[0],
-            worker_node_id=worker_ids[0],
-            head_pgid=head.pid,
-            worker_pgid=worker.pid,
+    with ray_head(head_cpus, env=env, timeout=timeout, wait_for_dashboard=False) as head:
+        (worker_agent_port,) = _free_ports(1)
+        worker_tmp = Path(tempfile.mkdtemp(prefix="rw", dir="/tmp"))
+        worker_log = worker_tmp / "ray-start.log"
+        worker_cmd = [
+            _tool("ray"), "start", "--block",
+            "--address", head.address,
+            "--node-ip-address", LOOPBACK,
+            "--num-cpus", str(worker_cpus),
+            "--resources", json.dumps(worker_resources or {}),
+            "--dashboard-agent-listen-port", str(worker_agent_port),
+            # Ray 2.60 takes a per-node temp dir; without it the worker would use the head's.
+            "--temp-dir", str(worker_tmp),
+            "--disable-usage-stats",
+        ]  # fmt: skip
+        masks = [*hidden, head.temp_dir]
+        script = " && ".join(
+            [f"mount -t tmpfs -o size=16m tmpfs {shlex.quote(str(p))}" for p in masks]
+            + ["exec " + shlex.join(worker_cmd)]
         )
-    finally:
-        _disconnect_driver(address)
-        for proc in (worker, head):
-            if proc is not None:
-                kill_group(proc)
-        # Anything that left its process group but still names our temp dirs.
-        _kill_pids(processes_mentioning(str(head_tmp)) + processes_mentioning(str(worker_tmp)))
-        shutil.rmtree(head_tmp, ignore_errors=True)
-        shutil.rmtree(worker_tmp, ignore_errors=True)
+        worker = None
+        try:
+            # cwd="/": a process whose cwd is inside a hidden dir would still see its old contents.
+            with open(worker_log, "wb") as out:
+                worker = subprocess.Popen(
+                    ["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    env=_child_env(env, worker_tmp), cwd="/", start_new_session=True,
+                )  # fmt: skip
+            nodes = _wait_for_two_nodes(
+                head.address, head.proc, head.log, worker, worker_log, timeout
+            )
+            _wait_http(
+                f"{head.dashboard_url}/api/version", head.proc, head.log, "Ray dashboard", timeout
+            )
+            head_ids = [n["id"] for n in nodes if HEAD_RESOURCE in n["resources"]]
+            worker_ids = [n["id"] for n in nodes if HEAD_RESOURCE not in n["resources"]]
+            yield ClusterInfo(
+                address=head.address,
+                dashboard_url=head.dashboard_url,
+                head_temp_dir=head.temp_dir,
+                worker_temp_dir=worker_tmp,
+                head_node_id=head_ids[0],
+                worker_node_id=worker_ids[0],
+                head_pgid=head.proc.pid,
+                worker_pgid=worker.pid,
+            )
+        finally:
+            _disconnect_driver(head.address)
+            if worker is not None:
+                kill_group(worker)
+            _kill_pids(processes_mentioning(str(worker_tmp)))
+            shutil.rmtree(worker_tmp, ignore_errors=True)
 
 
 def _wait_for_two_nodes(

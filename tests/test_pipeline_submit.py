@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,47 +11,21 @@ import pytest
 
 from pipeline.config import dump_config
 from progan.checkpoint import load_checkpoint
+from tests import cluster_harness
 from tests.pipeline_helpers import make_tiny_dataset, tiny_pipeline_config
 
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def ray_head(tmp_path):
+def ray_head():
+    """A Ray head as a user starts one (`ray start --head`, from the venv); its dashboard URL
+    (for the Jobs API) and its GCS address."""
     import ray
 
     ray.shutdown()  # the head below is a separate cluster
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    port, dash = free_port(), free_port()
-    # as a user would: the head started from the activated venv, so jobs' `python` is it
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    env = {**os.environ, "RAY_ADDRESS": "", "PATH": path}
-    subprocess.run(
-        [
-            ray_bin,
-            "start",
-            "--head",
-            f"--port={port}",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dash}",
-            "--num-cpus=2",
-            "--include-dashboard=true",
-            "--disable-usage-stats",
-        ],
-        check=True,
-        env=env,
-        capture_output=True,
-    )
-    try:
-        yield f"http://127.0.0.1:{dash}", f"127.0.0.1:{port}"
-    finally:
-        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True)
+    with cluster_harness.ray_head(num_cpus=2) as head:
+        yield head.dashboard_url, head.address
 
 
 def progan(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
