@@ -14,12 +14,18 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Tests run in TEST_WORKERS pytest-xdist processes. Most of an end-to-end test's time is spent
+# waiting on Ray and subprocesses, so two processes keep this 2-core box busy. Tests sharing an
+# expensive fixture (the demo run, the 2-node cluster) stay on one worker (xdist_group marks).
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 # The edit-test loop: everything but the end-to-end runs marked slow (Ray, MLflow, MTCNN).
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # The whole path on embedded defaults: built-in sample faces -> MTCNN -> LMDBs -> 4x4..32x32
 # on local Ray, tracked in runs/mlflow.db. Extra settings: make demo ARGS="train.loss=wgan"

@@ -13,7 +13,26 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # keeps it on in the process afterwards, and a driver with token auth cannot start actors
 # on a later cluster that has none (tests/cluster_harness.py starts its nodes without it).
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Under pytest-xdist (`make test`), each worker process gets a Ray temp dir of its own. A bare
+# `ray.init()` joins the latest cluster whose address file lies in the temp dir (what `ray
+# start` and ray.cluster_utils write), so with a shared /tmp/ray one worker's local Ray would
+# join the cluster another worker's test had just started. The CLI in subprocesses inherits it.
+# Each worker also gets its share of the cores as torch (OpenMP) threads, it and the CLI in its
+# subprocesses: two workers of two threads each on two cores spend a third of the CPU spinning
+# (`make test-fast` 59 s -> 41 s with one thread each). Ray's workers already use one.
+if _xdist_worker := os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["RAY_TMPDIR"] = f"{os.environ.get('RAY_TMPDIR', '/tmp/ray')}-{_xdist_worker}"
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
 SHARED_DATA = Path(os.environ.get("PROGAN_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist, the slow end-to-end tests first (otherwise in file order): the long
+    runs start at once and the unit tests fill the gaps, rather than one long run finishing
+    alone at the end while the other worker idles."""
+    if _xdist_worker:
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="session")

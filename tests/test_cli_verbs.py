@@ -24,7 +24,8 @@ from tests.cluster_harness import free_port
 from tests.conftest import REPO_ROOT
 from tests.demo_run import PROGAN, progan
 
-pytestmark = pytest.mark.slow
+# one pytest-xdist worker runs every user of the session's demo run, so it is made once
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("demo_run")]
 
 
 def test_run_with_the_builtin_sample_faces_prepares_then_trains_like_make_demo(demo_run):

@@ -33,6 +33,7 @@ from tests.pipeline_helpers import make_tiny_dataset, tiny_pipeline_config
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.xdist_group("two_node_cluster"),  # one worker, one cluster for the module
     pytest.mark.skipif(unshare_available() is not None, reason=f"{unshare_available()}"),
 ]
 PHASES = ["00-0004-stabilize", "01-0008-transition", "02-0008-stabilize"]

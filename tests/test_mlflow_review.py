@@ -30,7 +30,8 @@ from tests.cluster_harness import free_port
 from tests.conftest import REPO_ROOT
 from tests.demo_run import PROGAN, progan
 
-pytestmark = pytest.mark.slow
+# one pytest-xdist worker runs every user of the session's demo run, so it is made once
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("demo_run")]
 PHASES = ["00-0004-stabilize", "01-0008-transition", "02-0008-stabilize"]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
