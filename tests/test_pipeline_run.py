@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import signal
@@ -20,7 +21,10 @@ from pipeline.run import PhaseFailedError, run_dir_of, run_pipeline
 from pipeline.state import RunLock, RunLockedError, RunState
 from pipeline.tracking import resolve_uri
 from pipeline.train_local import train_local
+from preprocessing.lmdb_store import LmdbImageDataset
 from progan.checkpoint import load_checkpoint
+from progan.data import PositionSampler
+from progan.schedule import phase_plan
 from tests import faults
 from tests.conftest import REPO_ROOT
 from tests.helpers import torch_threads
@@ -51,17 +55,57 @@ def cfg_uri(cfg) -> str:
     return resolve_uri(cfg.tracking.uri, cfg.run.root)
 
 
-def test_two_worker_ddp_run_is_tracked_in_mlflow(local_ray, dataset, tmp_path):
+def expected_digest(dataset: LmdbImageDataset, shown: int, rank: int, world: int) -> str:
+    """The rank's share of the global batch a ONE-worker run reads at `shown` (batch 8)."""
+    order = PositionSampler(len(dataset), 8, seed=0).indices_at(shown)
+    share = order[rank * 8 // world : (rank + 1) * 8 // world]
+    batch = torch.stack([dataset[i] for i in share])
+    return hashlib.sha1(batch.numpy().tobytes()).hexdigest()
+
+
+def assert_each_rank_read_its_share_of_the_one_worker_batches(cfg, batches: Path) -> None:
+    """Every step of every phase ran once on each of the phase's ranks, each reading its share
+    of the batch one worker would read at that point (`faults.records_batches` lines)."""
+    seen = [line.split() for line in batches.read_text().splitlines()]
+    levels = {r: LmdbImageDataset(cfg.data.dataset, r) for r in (4, 8)}
+    plan = phase_plan(cfg.schedule, cfg.model.resolution)
+    for shown, rank, world, digest in seen:
+        shown, rank, world = int(shown), int(rank), int(world)
+        phase = next(p for p in plan if p.start_images <= shown < p.end_images)
+        assert world == cfg.scaling.workers_for(phase.resolution), (shown, world)
+        assert digest == expected_digest(levels[phase.resolution], shown, rank, world), shown
+    steps = {(int(s), int(r)) for s, r, _, _ in seen}
+    for phase in plan:
+        world = cfg.scaling.workers_for(phase.resolution)
+        want = {
+            (s, r) for s in range(phase.start_images, phase.end_images, 8) for r in range(world)
+        }
+        assert want <= steps, phase.name
+    assert len(seen) == len(steps)  # no step trained twice
+
+
+def test_a_ddp_run_growing_from_one_to_two_workers_is_tracked_and_reads_the_same_batches(
+    local_ray, dataset, tmp_path
+):
+    # one worker at 4x4, DDP on two from 8x8 (`scaling.num_workers` by resolution)
     cfg = tiny_pipeline_config(
         dataset,
         tmp_path,
-        scaling={"num_workers": 2},
+        scaling={"num_workers": {4: 1, 8: 2}},
         eval={"enabled": True, "metrics": ["swd"], "num_images": 32},
     )
     ended: list[tuple[str, dict]] = []
-    result = run_pipeline(cfg, "ddp", on_phase_end=lambda p, m: ended.append((p.name, m)))
+    batches = tmp_path / "batches.txt"
+    result = run_pipeline(
+        cfg,
+        "ddp",
+        on_phase_end=lambda p, m: ended.append((p.name, m)),
+        test_hooks={"batches_file": str(batches)},
+        worker_fn=faults.records_batches,
+    )
     final = load_checkpoint(result.generator)
     assert final["images_shown"] == 288 and final["resolution"] == 8
+    assert_each_rank_read_its_share_of_the_one_worker_batches(cfg, batches)
 
     client, runs = runs_of(result.tracking_uri)
     parent = next(r for r in runs if r.info.run_id == result.parent_run_id)
@@ -71,7 +115,8 @@ def test_two_worker_ddp_run_is_tracked_in_mlflow(local_ray, dataset, tmp_path):
         "01-0008-transition",
         "02-0008-stabilize",
     ]
-    assert parent.data.params["scaling.num_workers"] == "2"
+    params = parent.data.params
+    assert (params["scaling.num_workers.4"], params["scaling.num_workers.8"]) == ("1", "2")
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"phases.md", "images"}
     [version] = client.search_model_versions("name='progan'")
     assert version.run_id == parent.info.run_id
