@@ -92,18 +92,23 @@ def cannot_log(config: dict[str, Any]) -> None:
     phase_worker(config)
 
 
-def records_batches(config: dict[str, Any]) -> None:
-    """Each step appends `images_shown rank world_size sha1-of-its-real-images` to
-    `config["batches_file"]` (what a rank really trained on)."""
+def batch_digest(batch: torch.Tensor) -> str:
+    """sha1 of a batch's bytes: what `records_batches` writes, and what a test compares."""
     import hashlib
 
+    return hashlib.sha1(batch.cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def records_batches(config: dict[str, Any]) -> None:
+    """Each step appends `images_shown rank world_size batch_digest-of-its-real-images` to
+    `config["batches_file"]` (what a rank really trained on)."""
     import progan.trainer
 
     step = progan.trainer.GANTrainer.step
 
     def recorded(self, reals):
         batch = reals if isinstance(reals, torch.Tensor) else reals[0]
-        digest = hashlib.sha1(batch.cpu().contiguous().numpy().tobytes()).hexdigest()
+        digest = batch_digest(batch)
         with Path(config["batches_file"]).open("a") as f:
             f.write(f"{self.images_shown} {self.rank} {self.world_size} {digest}\n")
         return step(self, reals)
