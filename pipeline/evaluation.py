@@ -29,12 +29,10 @@ from progan.metrics import (
     swd,
     swd_real_floor,
 )
+from progan.metrics.catalogue import CATALOGUE, METRIC_NAMES, measured_at
 from progan.networks import Alpha
 from progan.sampling import fixed_latents, generate
 
-METRICS = ("swd", "msssim", "fid", "kid")
-MIN_SWD_RESOLUTION = 8  # 7x7 neighbourhoods need a little room; below this SWD is skipped
-MIN_MSSSIM_RESOLUTION = 16  # torchmetrics' MS-SSIM needs 2 scales of an 11x11 window
 BATCH = 64
 
 
@@ -71,10 +69,10 @@ def latent_size_of(G: nn.Module) -> int:
 
 def check_metrics(metrics: Sequence[str], fid_weights: str | None) -> None:
     """Fail early, in one line, for an unknown metric or FID/KID without a weights file."""
-    unknown = [m for m in metrics if m not in METRICS]
+    unknown = [m for m in metrics if m not in CATALOGUE]
     if unknown:
-        raise EvaluationError(f"unknown metric(s) {unknown}; allowed: {', '.join(METRICS)}")
-    if {"fid", "kid"} & set(metrics):
+        raise EvaluationError(f"unknown metric(s) {unknown}; allowed: {', '.join(METRIC_NAMES)}")
+    if any(CATALOGUE[m].needs_inception for m in metrics):
         try:
             load_fid_inception(fid_weights)
         except (FileNotFoundError, ValueError) as err:
@@ -101,7 +99,8 @@ def evaluate_generator(
     Keys: ``SWDx1e3_<res>``/``SWDx1e3_avg`` and the real-vs-real floor
     ``SWDx1e3_avg_real_floor``; ``msssim_fake``/``msssim_real`` (lower = more diverse);
     ``fid``; ``kid``/``kid_std``; ``eval_images`` and ``eval_seconds``. Metrics a resolution
-    is too small for are left out (SWD below 8x8, MS-SSIM below 16x16).
+    is too small for are left out (progan.metrics.catalogue: SWD below 8x8, MS-SSIM below
+    16x16).
     """
     check_metrics(metrics, fid_weights)
     started = time.perf_counter()
@@ -123,11 +122,12 @@ def evaluate_generator(
         return fake_batches(G, level, alpha, n, z_size, seed + 1)
 
     out: dict[str, float] = {}
-    if "swd" in metrics and resolution >= MIN_SWD_RESOLUTION:
+    wanted = [m for m in metrics if measured_at(m, resolution)]
+    if "swd" in wanted:
         out.update(_swd(reals, fakes, fingerprint, resolution, n, seed, cache))
-    if "msssim" in metrics and resolution >= MIN_MSSSIM_RESOLUTION:
+    if "msssim" in wanted:
         out.update(_msssim(reals, fakes))
-    if {"fid", "kid"} & set(metrics):
+    if {"fid", "kid"} & set(wanted):
         out.update(
             _inception(metrics, reals, fakes, fingerprint, resolution, n, fid_weights, cache)
         )

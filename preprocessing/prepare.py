@@ -52,6 +52,8 @@ __all__ = ["PrepareError", "PrepareSummary", "dataset_fingerprint", "prepare_dat
 REJECTS_CSV = "rejects.csv"
 FORMAT_VERSION = 2  # 2: records keyed by ordinal, record keys in keys/
 DEFAULT_TIMEOUT_S = 1800.0
+# a Ray started just for a prepare: no dashboard, worker logs stay in the session's files
+QUIET_RAY = {"include_dashboard": False, "log_to_driver": False}
 
 
 @dataclass
@@ -175,7 +177,7 @@ def prepare_dataset(
         if isinstance(source, Source) or Path(source).exists():
             src = open_source(source)
         else:  # only the cluster's nodes see it
-            started_ray = ensure_ray(address)
+            started_ray = ensure_ray(address, **QUIET_RAY)
             plan_workers(alive_node_resources(), workers, gpus_per_worker)  # before any task
             src = list_remotely(os.fspath(source), timeout_s)
         src = src.limited(config.limit)
@@ -195,7 +197,7 @@ def prepare_dataset(
         in_process = len(shards) == 1 and address is None and not gpus_per_worker
         plan = WorkerPlan(1, 0.0)
         if not in_process:  # resources checked before anything is written or started
-            started_ray = ensure_ray(address) or started_ray
+            started_ray = ensure_ray(address, **QUIET_RAY) or started_ray
             plan = plan_workers(alive_node_resources(), workers, gpus_per_worker, len(pending))
         (out / PROGRESS).mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / PROGRESS / "run.json", run, sort_keys=True)

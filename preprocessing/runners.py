@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from preprocessing.config import PrepareConfig, PrepareError
 from preprocessing.sources import Source, SourceError, open_source
@@ -128,13 +129,15 @@ def run_in_process(out: Path, src: Source, config: PrepareConfig, pending: list)
     return {"nodes": set(result.nodes), "timings": result.timings}
 
 
-def ensure_ray(address: str | None) -> bool:
-    """Join `address` or start a local Ray unless one is running; True if started here."""
+def ensure_ray(address: str | None = None, **init: Any) -> bool:
+    """The project's one way to start or join Ray: join `address` (None: $RAY_ADDRESS, else
+    a new local Ray) unless this process is connected already; True if connected here.
+    `init` goes to `ray.init` (a runtime env, log settings)."""
     import ray
 
     if ray.is_initialized():
         return False
-    ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    ray.init(address=address, **init)
     return True
 
 

@@ -8,6 +8,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 MIN_RESOLUTION = 4
 MAX_RESOLUTION = 1024
+# Marks a field that may change when a run or output folder is continued: it changes how
+# training runs or is watched, never what is trained (pipeline.config reads the marks).
+RESUMABLE = {"resumable": True}
 
 
 def check_resolution(value: int) -> int:
@@ -78,10 +81,14 @@ class TrainConfig(StrictModel):
     bf16: bool = False
     channels_last: bool = False
     compile: bool = Field(
-        False, description="torch.compile G and D once per phase (progan/acceleration.py)"
+        False,
+        description="torch.compile G and D once per phase (progan/acceleration.py)",
+        json_schema_extra=RESUMABLE,
     )
     cuda_graphs: bool = Field(
-        False, description="with compile, on CUDA devices: CUDA graphs (mode reduce-overhead)"
+        False,
+        description="with compile, on CUDA devices: CUDA graphs (mode reduce-overhead)",
+        json_schema_extra=RESUMABLE,
     )
     seed: int = 0
 

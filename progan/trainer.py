@@ -99,12 +99,14 @@ class GANTrainer:
         rank: int = 0,
         world_size: int = 1,
         wrap: Wrap | None = None,
+        plan: list[Phase] | None = None,
     ) -> None:
+        """`plan`: the phase plan of `cfg`, if the caller has it already (else computed)."""
         self.cfg = cfg
         self.device = torch.device(device)
         self.rank, self.world_size = rank, world_size
         self.wrap = wrap or (lambda module: module)
-        self.plan: list[Phase] = phase_plan(cfg.schedule, cfg.model.resolution)
+        self.plan: list[Phase] = plan or phase_plan(cfg.schedule, cfg.model.resolution)
         with torch.random.fork_rng(devices=[]):  # same initial weights for the same seed
             torch.manual_seed(cfg.train.seed)
             self.G, self.D = build_networks(cfg.model)

@@ -61,12 +61,11 @@ step_prepare() {
   # first keeps its minutes out of the training runs.
   "$PYTHON" - "$PROGAN_CONF" "${OVERRIDES[@]}" <<'EOF'
 import sys
-from pipeline.common import ensure_dataset
 from pipeline.config import load_config
-from progan.schedule import phase_plan
+from pipeline.dataset import ensure_dataset
 
 cfg = load_config(sys.argv[1], sys.argv[2:])
-ensure_dataset(cfg, phase_plan(cfg.schedule, cfg.model.resolution), None)
+ensure_dataset(cfg, None)
 print(f"dataset ready: {cfg.data.dataset}")
 EOF
 }

@@ -3,8 +3,8 @@
 Each fit runs a train function that only records when it started and reports once, so
 the fit's wall time is the cost every pipeline phase pays before and after its training:
 controller actor, worker group start (with the torch process group), and teardown. Uses
-the pipeline's own Ray settings (`pipeline.run.RAY_ENV`). The controller's breakdown is in
-Ray's logs (`/tmp/ray/session_latest/logs/train/ray-train-sys-controller-*.log`).
+the pipeline's own Ray settings (`pipeline.driver.ray_session.RAY_ENV`). The controller's
+breakdown is in Ray's logs (`/tmp/ray/session_latest/logs/train/ray-train-sys-controller-*.log`).
 
     .venv/bin/python scripts/ray_fit_overhead.py --workers 1 --fits 3
 """
@@ -39,9 +39,9 @@ def main() -> None:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pipeline.run import init_ray
+    from pipeline.driver.ray_session import start_ray
 
-    init_ray(None)
+    start_ray(None)
     with tempfile.TemporaryDirectory() as tmp:
         times = Path(tmp) / "times.json"
         for i in range(args.fits):

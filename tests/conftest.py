@@ -52,7 +52,7 @@ def local_ray():
     """
     import ray
 
-    from pipeline.run import RAY_ENV
+    from pipeline.driver.ray_session import RAY_ENV
 
     os.environ.update({k: os.environ.get(k, v) for k, v in RAY_ENV.items()})
     if not ray.is_initialized():

@@ -1,6 +1,6 @@
 """Faults injected into Ray Train workers by tests, never by the production worker.
 
-Each function wraps `pipeline.worker.phase_worker` and is passed to `run_pipeline(...,
+Each function wraps `pipeline.phases.ray_train.phase_worker` and is passed to `run_pipeline(...,
 worker_fn=...)`. The module is pickled by value, so a worker on another node (one that
 cannot import `tests`) runs it too. Marker files live where the test says: shared storage
 when the worker runs on another node.
@@ -17,24 +17,29 @@ from typing import Any
 import ray.cloudpickle
 import torch
 
-from pipeline.worker import phase_worker
+from pipeline.phases.ray_train import phase_worker
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
+def hooks(config: dict[str, Any]) -> dict[str, Any]:
+    """The test's settings for this fault (`run_pipeline(test_hooks=...)`): the job's hooks."""
+    return config["job"].hooks
+
+
 def record_env(config: dict[str, Any]) -> None:
-    """If the test asks (`config["env_file"]`), write this worker's MLFLOW_* variables there
-    as JSON: what reached it through Ray's runtime env."""
-    if "env_file" in config:
+    """If the test asks (`env_file`), write this worker's MLFLOW_* variables there as JSON:
+    what reached it through Ray's runtime env."""
+    if "env_file" in hooks(config):
         import json
 
         env = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
-        Path(config["env_file"]).write_text(json.dumps(env))
+        Path(hooks(config)["env_file"]).write_text(json.dumps(env))
 
 
 def dies_once(config: dict[str, Any]) -> None:
     """The last rank's process exits (as a crash would) once it has shown
-    `config["fail_at_images"]` images; `config["fail_marker"]` records that it happened.
+    `fail_at_images` images; `fail_marker` records that it happened.
 
     It waits a second first: Ray Train's controller takes a reported checkpoint into account
     when it next polls the workers (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), so a crash
@@ -43,7 +48,7 @@ def dies_once(config: dict[str, Any]) -> None:
     """
     import progan.trainer
 
-    fail_at, marker = config["fail_at_images"], Path(config["fail_marker"])
+    fail_at, marker = hooks(config)["fail_at_images"], Path(hooks(config)["fail_marker"])
     step = progan.trainer.GANTrainer.step
 
     def train_step(self, reals):
@@ -62,13 +67,13 @@ def dies_once(config: dict[str, Any]) -> None:
 
 
 def nan_on_last_rank(config: dict[str, Any]) -> None:
-    """The last rank's real images (so its D loss) turn NaN from `config["nan_at_images"]`
-    images on; each worker start appends a line to `config["starts_file"]`."""
+    """The last rank's real images (so its D loss) turn NaN from `nan_at_images` images on;
+    each worker start appends a line to `starts_file`."""
     import progan.trainer
 
-    with Path(config["starts_file"]).open("a") as f:
+    with Path(hooks(config)["starts_file"]).open("a") as f:
         f.write("start\n")
-    nan_at = config["nan_at_images"]
+    nan_at = hooks(config)["nan_at_images"]
     prepare = progan.trainer.GANTrainer._prepare_real
 
     def _prepare_real(self, real, alpha, fading):
@@ -101,7 +106,7 @@ def batch_digest(batch: torch.Tensor) -> str:
 
 def records_batches(config: dict[str, Any]) -> None:
     """Each step appends `images_shown rank world_size batch_digest-of-its-real-images` to
-    `config["batches_file"]` (what a rank really trained on)."""
+    `batches_file` (what a rank really trained on)."""
     import progan.trainer
 
     step = progan.trainer.GANTrainer.step
@@ -109,7 +114,7 @@ def records_batches(config: dict[str, Any]) -> None:
     def recorded(self, reals):
         batch = reals if isinstance(reals, torch.Tensor) else reals[0]
         digest = batch_digest(batch)
-        with Path(config["batches_file"]).open("a") as f:
+        with Path(hooks(config)["batches_file"]).open("a") as f:
             f.write(f"{self.images_shown} {self.rank} {self.world_size} {digest}\n")
         return step(self, reals)
 

@@ -24,8 +24,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import dump_config
-from pipeline.model_registry import downloaded_generator
-from pipeline.state import RunState
+from pipeline.driver.state import RunState
+from pipeline.tools.model_uri import downloaded_generator
 from progan.checkpoint import load_checkpoint
 from tests import faults
 from tests.cluster_harness import mlflow_server, namespaced_cluster, unshare_available
@@ -122,10 +122,11 @@ def test_three_phases_on_the_worker_node_with_a_worker_killed_equal_one_node(
 ):
     import ray
 
-    from pipeline.run import init_ray, run_pipeline
+    from pipeline.driver.ray_session import start_ray
+    from pipeline.driver.run import run_pipeline
 
     cfg = cluster_config(cluster, run={"root": str(cluster.driver / "runs")})
-    init_ray(cluster.info.address)  # joins the cluster, shipping the project's code
+    start_ray(cluster.info.address)  # joins the cluster, shipping the project's code
     [head] = [n for n in ray.nodes() if n["NodeID"] == cluster.info.head_node_id]
     assert "progan_worker" not in head["Resources"]  # training can only run in the namespace
     marker, env_file = cluster.shared / "died", cluster.shared / "worker-env.json"

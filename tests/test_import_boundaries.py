@@ -32,5 +32,5 @@ def test_progan_imports_neither_ray_nor_mlflow():
 
 def test_train_local_imports_neither_ray_nor_mlflow():
     assert_imports_leave_out(
-        "import pipeline.train_local, pipeline.commands.train_local", ("ray", "mlflow")
+        "import pipeline.phases.local, pipeline.cli.train_local", ("ray", "mlflow")
     )

@@ -24,7 +24,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from pipeline.state import RunState
+from pipeline.driver.state import RunState
 from preprocessing.lmdb_store import read_manifest
 from tests.cluster_harness import free_port
 from tests.conftest import REPO_ROOT
@@ -128,8 +128,8 @@ def test_the_registered_version_generates_what_progan_generate_does(review, demo
     import torch
 
     from pipeline.cli import main
-    from pipeline.generator_io import sample_latents
-    from pipeline.model_registry import tracking_uri_set
+    from pipeline.tools.generator import sample_latents
+    from pipeline.tracking.tracker import tracking_uri_set
     from progan.sampling import to_uint8
 
     client, pid = review.client, review.parent.info.run_id

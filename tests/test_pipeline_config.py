@@ -4,8 +4,7 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.config import ConfigError, load_config, parse_overrides
-from pipeline.run import ensure_dataset
-from progan.schedule import phase_plan
+from pipeline.dataset import ensure_dataset
 from tests.conftest import REPO_ROOT
 
 PRESETS = ["demo", "celeba-64", "celeba-128", "celebahq-1024"]
@@ -44,7 +43,7 @@ def test_missing_lmdb_for_a_planned_resolution(tmp_path):
     dataset = make_tiny_dataset(tmp_path, n=8, resolution=8)
     cfg = tiny_pipeline_config(dataset, tmp_path, model={"resolution": 16})
     with pytest.raises(ConfigError, match=r"no LMDB for resolution\(s\) \[16\]"):
-        ensure_dataset(cfg, phase_plan(cfg.schedule, 16), console=None)
+        ensure_dataset(cfg, console=None)
 
 
 def test_unprepared_dataset_without_source(tmp_path):
@@ -52,7 +51,7 @@ def test_unprepared_dataset_without_source(tmp_path):
 
     cfg = tiny_pipeline_config(tmp_path / "none", tmp_path)
     with pytest.raises(ConfigError, match="not a prepared dataset"):
-        ensure_dataset(cfg, phase_plan(cfg.schedule, 8), console=None)
+        ensure_dataset(cfg, console=None)
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -88,7 +87,7 @@ def test_overrides_may_follow_options(tmp_path, capsys):
 def test_rerun_under_a_changed_config_is_refused(tmp_path):
     """A run id continues only under its own config; resumable keys (eval, tracking) may
     change. No dataset or Ray is needed to open a run directory."""
-    from pipeline.run import open_run_dir, run_dir_of
+    from pipeline.driver.run_dir import open_run_dir, run_dir_of
     from tests.pipeline_helpers import tiny_pipeline_config
 
     cfg = tiny_pipeline_config(tmp_path / "data", tmp_path)
@@ -108,7 +107,7 @@ def test_a_run_saved_with_relative_paths_reopens_from_any_directory(tmp_path, mo
     import yaml
 
     from pipeline.config import absolute_paths, validate_config
-    from pipeline.run import CONFIG_FILE, open_run_dir, origin_of, run_dir_of
+    from pipeline.driver.run_dir import CONFIG_FILE, open_run_dir, origin_of, run_dir_of
     from tests.pipeline_helpers import tiny_pipeline_config
 
     project = tmp_path / "project"

@@ -16,10 +16,11 @@ from mlflow.tracking import MlflowClient
 from rich.console import Console
 
 from pipeline.config import dump_config
-from pipeline.run import PhaseFailedError, run_dir_of, run_pipeline
-from pipeline.state import RunLock, RunLockedError, RunState
-from pipeline.tracking import resolve_uri
-from pipeline.train_local import train_local
+from pipeline.driver.run import PhaseFailedError, run_pipeline
+from pipeline.driver.run_dir import run_dir_of
+from pipeline.driver.state import RunLock, RunLockedError, RunState
+from pipeline.phases.local import train_local
+from pipeline.tracking.tracker import resolve_uri
 from preprocessing.lmdb_store import LmdbImageDataset
 from progan.checkpoint import load_checkpoint
 from progan.data import PositionSampler

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-import pipeline.train_local
-import pipeline.worker
-from pipeline.config import load_config, validate_config
-from pipeline.state import RunLock, RunLockedError
-from pipeline.storage import STATE_FILE, StorageError, check_free_space, storage_root
+from pipeline.config import load_config
+from pipeline.driver.state import RunLock, RunLockedError
+from pipeline.driver.storage import StorageError, check_free_space, storage_root
+from pipeline.phases.checkpoints import STATE_FILE
+from pipeline.phases.session import restore_trainer
 from progan.checkpoint import load_checkpoint, save_checkpoint
 from progan.trainer import GANTrainer
 from tests.conftest import REPO_ROOT
@@ -49,38 +49,24 @@ def assert_same_state(a: GANTrainer, b: GANTrainer) -> None:
         assert torch.equal(tensor, b.G_ema.state_dict()[name]), name
 
 
-def test_worker_restores_a_previous_phase_checkpoint_on_a_non_cpu_device(saved, monkeypatch):
-    trainer, path = saved
-    monkeypatch.setattr(pipeline.worker.ray.train, "get_checkpoint", lambda: None)
-    other = TrainerOnAnotherDevice(tiny_config())
-    assert pipeline.worker.restore(other, str(path.parent)) == "previous-phase"
-    assert_same_state(trainer, other)
-
-
-def test_worker_restores_its_ray_checkpoint_on_a_non_cpu_device(saved, monkeypatch):
+@pytest.mark.parametrize("form", ["directory", "file-uri", "ray-checkpoint"])
+def test_each_host_restores_on_a_non_cpu_device(saved, form):
+    """One restore for every host: a checkpoint directory (train-local), a storage URI (the
+    Ray workers' previous phase), a Ray/Tune Checkpoint (a restart); all load to CPU first."""
     import ray.train
 
     trainer, path = saved
-    checkpoint = ray.train.Checkpoint(str(path.parent))
-    monkeypatch.setattr(pipeline.worker.ray.train, "get_checkpoint", lambda: checkpoint)
+    source = {
+        "directory": path.parent,
+        "file-uri": f"file://{path.parent}",
+        "ray-checkpoint": ray.train.Checkpoint(str(path.parent)),
+    }[form]
     other = TrainerOnAnotherDevice(tiny_config())
-    assert pipeline.worker.restore(other, None) == "ray-checkpoint"
+    restored = restore_trainer(other, [("none", None), (form, source)])
+    assert restored.origin == form and restored.host == {}
     assert_same_state(trainer, other)
     # Adam's step counters stay on the CPU, as torch's optimizers expect them
     assert other.opt_g.state_dict()["state"][0]["step"].device.type == "cpu"
-
-
-def test_train_local_resumes_on_a_non_cpu_device(saved, tmp_path, monkeypatch):
-    trainer, path = saved
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / pipeline.train_local.CHECKPOINT).write_bytes(path.read_bytes())
-    monkeypatch.setattr(pipeline.train_local, "GANTrainer", TrainerOnAnotherDevice)
-    cfg = validate_config(
-        {"data": {"dataset": str(tmp_path)}, **tiny_config().model_dump(mode="json")}
-    )
-    run = pipeline.train_local.LocalRun(cfg, out, torch.device("meta"), console=None)
-    assert_same_state(trainer, run.trainer)
 
 
 def test_rng_states_are_restored(saved):
@@ -114,11 +100,11 @@ def test_storage_uris_are_kept_as_given_and_paths_made_absolute(tmp_path, monkey
 
 
 def test_a_phase_refuses_to_start_without_room_for_its_checkpoints(tmp_path, monkeypatch):
-    import pipeline.storage
+    import pipeline.driver.storage
 
     cfg = tiny_pipeline_config(tmp_path, tmp_path)
     check_free_space(cfg, str(tmp_path))  # plenty here
-    monkeypatch.setattr(pipeline.storage, "free_bytes", lambda uri: 10 * 2**20)
+    monkeypatch.setattr(pipeline.driver.storage, "free_bytes", lambda uri: 10 * 2**20)
     with pytest.raises(StorageError, match=r"10 MiB free.*run.keep_checkpoints"):
         check_free_space(cfg, str(tmp_path))
 
@@ -129,18 +115,13 @@ def test_the_run_lock_is_exclusive_and_released(tmp_path):
     RunLock(tmp_path / "run").acquire().release()  # free again
 
 
-def test_a_run_without_generator_pt_is_read_from_its_latest_phase_in_storage(saved, tmp_path):
-    import json
-
-    from pipeline.generator_io import load_generator, resolve_checkpoint
+def test_a_directory_loads_its_generator_pt_else_its_state_pt(saved, tmp_path):
+    """No probing of old layouts: a run or output folder has generator.pt, a checkpoint
+    directory state.pt; anything else is one line saying which."""
+    from pipeline.tools.generator import GeneratorLoadError, load_generator, resolve_checkpoint
 
     _, path = saved
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    phases = {
-        "1": {"done": False, "checkpoint": None},
-        "0": {"done": True, "checkpoint": f"file://{path.parent}"},
-    }
-    (run_dir / "state.json").write_text(json.dumps({"run_id": "run", "phases": phases}))
-    assert resolve_checkpoint(run_dir) == path
-    assert load_generator(run_dir) is not None
+    assert resolve_checkpoint(path.parent) == path
+    assert load_generator(path.parent).images_shown == 24
+    with pytest.raises(GeneratorLoadError, match=r"no generator\.pt .* and no state\.pt"):
+        resolve_checkpoint(tmp_path)

@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.common import GENERATOR_KEYS
-from pipeline.generator_io import GeneratorLoadError, load_generator, parse_size, sample_latents
+from pipeline.phases.checkpoints import STATE_FILE, checkpoint_name, export_generator
+from pipeline.tools.args import parse_size
+from pipeline.tools.generator import load_generator, sample_latents
 from progan.checkpoint import save_checkpoint
 from progan.dcgan import DCGANGenerator
 from progan.sampling import generate, latent_direction, truncate, truncation
@@ -41,10 +42,10 @@ def trained(tmp_path_factory):
     run_steps(trainer, 10)  # 4x4 stabilize (8 steps of 8), then 2 steps into the 8x8 fade-in
     point = trainer.point
     assert point.kind == "transition" and 0.0 < point.alpha < 1.0
-    save_checkpoint(trainer.state_dict(), run_dir / "checkpoints" / "01-0008-transition.pt")
-    trainer.images_shown = 10**6  # past the end of the plan: 16x16, alpha 1, as export does
-    final = trainer.state_dict()
-    save_checkpoint({k: final[k] for k in GENERATOR_KEYS}, run_dir / "generator.pt")
+    mid = run_dir / "checkpoints" / checkpoint_name(trainer.images_shown)
+    save_checkpoint(trainer.state_dict(), mid / STATE_FILE)
+    trainer.images_shown = trainer.plan[-1].end_images  # the plan's end: 16x16, alpha 1
+    export_generator(trainer.state_dict(), trainer.plan[-1], run_dir / "generator.pt")
     return run_dir, trainer
 
 
@@ -76,7 +77,8 @@ def test_loads_generator_file_run_dir_and_training_checkpoint(trained):
     assert gen.source == run_dir / "generator.pt"
     assert (gen.level, gen.alpha, gen.resolution, gen.latent_size) == (2, 1.0, 16, 16)
     assert not gen.module.training
-    mid = load_generator(run_dir / "checkpoints" / "01-0008-transition.pt")
+    [mid_dir] = (run_dir / "checkpoints").iterdir()
+    mid = load_generator(mid_dir)  # a checkpoint directory: its state.pt
     state = torch.load(mid.source, weights_only=True)
     assert (mid.level, mid.alpha) == (1, state["alpha"]) and 0 < mid.alpha < 1
     z = sample_latents(0, 3, 16)
@@ -94,16 +96,6 @@ def test_alpha_zero_is_reported_as_the_previous_level(tmp_path, trained):
     z = sample_latents(0, 2, 16)
     up = F.interpolate(trainer.G_ema(z, 0, 1.0), scale_factor=2.0, mode="nearest")
     torch.testing.assert_close(trainer.G_ema(z, 1, 0.0), up)
-
-
-def test_run_dir_without_generator_uses_latest_checkpoint(tmp_path, trained):
-    (tmp_path / "checkpoints").mkdir()
-    src = trained[0] / "checkpoints" / "01-0008-transition.pt"
-    for name in ("00-0004-stabilize.pt", "01-0008-transition.pt"):
-        (tmp_path / "checkpoints" / name).write_bytes(src.read_bytes())
-    assert load_generator(tmp_path).source.name == "01-0008-transition.pt"
-    with pytest.raises(GeneratorLoadError, match=r"without generator\.pt"):
-        load_generator(tmp_path / "checkpoints")
 
 
 def test_missing_file_is_one_line_and_exit_2_from_the_console_script(tmp_path):

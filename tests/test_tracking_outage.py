@@ -1,7 +1,7 @@
 """Rank 0's MLflow logging against a real `mlflow server` that goes down and comes back
 (and the driver's experiment tagging, on SQLite).
 
-`pipeline.metric_logger.MetricLogger` only queues (training never waits on the server);
+`pipeline.tracking.metric_logger.MetricLogger` only queues (training never waits on the server);
 its sender keeps what the server refused and delivers it once the server is back. What is
 still unsent when a phase ends goes to the driver, whose `Tracker.replay` logs it.
 """
@@ -15,8 +15,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from pipeline.metric_logger import MetricLogger
-from pipeline.tracking import Tracker
+from pipeline.tracking.metric_logger import MetricLogger
+from pipeline.tracking.tracker import Tracker
 from tests.cluster_harness import free_port, mlflow_server
 
 pytestmark = pytest.mark.slow

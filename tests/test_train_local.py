@@ -17,10 +17,15 @@ import torch
 import yaml
 
 from pipeline.cli import main
-from pipeline.common import GENERATOR_KEYS
 from pipeline.config import ConfigError, PipelineConfig, load_config
-from pipeline.train_local import (
-    CHECKPOINT,
+from pipeline.phases.checkpoints import (
+    GENERATOR_KEYS,
+    STATE_FILE,
+    export_generator,
+    latest_checkpoint,
+)
+from pipeline.phases.local import (
+    CHECKPOINTS,
     FINAL_GRID,
     GENERATOR_FILE,
     METRICS_FILE,
@@ -73,10 +78,15 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
     assert not different, different
 
 
+def last_state(out: Path) -> dict:
+    """The state of an output folder's latest checkpoint directory."""
+    return load_checkpoint(latest_checkpoint(out / CHECKPOINTS) / STATE_FILE)
+
+
 def assert_same_final_state(out: Path, reference: Path) -> None:
     """G_ema of generator.pt, and G and D of the last checkpoint, bit for bit."""
-    ref = load_checkpoint(reference / CHECKPOINT)
-    mine = load_checkpoint(out / CHECKPOINT)
+    ref = last_state(reference)
+    mine = last_state(out)
     for key in ("G", "D", "G_ema"):
         assert_same_weights(mine[key], ref[key])
     assert_same_weights(
@@ -96,27 +106,28 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_outputs_of_a_full_run(reference):
+def test_outputs_of_a_full_run(reference, tmp_path):
     cfg, result = reference
     out = result.out
     plan = phase_plan(cfg.schedule, cfg.model.resolution)
 
-    # generator.pt: exactly `progan run`'s export of the final checkpoint, and usable
-    from pipeline.storage import export_generator  # the Ray pipeline's own
-
+    # generator.pt: the one export of the final checkpoint (every host's), and usable
     exported = load_checkpoint(out / GENERATOR_FILE)
     assert set(exported) == {"format", "version", *GENERATOR_KEYS}
-    ray_style = load_checkpoint(export_generator(out / CHECKPOINT, out / "exported-again.pt"))
+    again = load_checkpoint(export_generator(last_state(out), plan[-1], tmp_path / "again.pt"))
     assert {k: v for k, v in exported.items() if k != "G_ema"} == {
-        k: v for k, v in ray_style.items() if k != "G_ema"
+        k: v for k, v in again.items() if k != "G_ema"
     }
-    assert_same_weights(exported["G_ema"], ray_style["G_ema"])
+    assert_same_weights(exported["G_ema"], again["G_ema"])
+    # only the latest run.keep_checkpoints checkpoint directories are kept
+    kept = sorted(p.name for p in (out / CHECKPOINTS).iterdir())
+    assert kept == [f"images-{n:09d}" for n in (256, plan[-1].end_images)]
     assert exported["resolution"] == 8 and exported["alpha"] == 1.0
     assert exported["phase_name"] == plan[-1].name
     G = build_generator(GANConfig.model_validate(exported["config"]).model)
     G.load_state_dict(exported["G_ema"])
     initial = GANTrainer(cfg.gan).G.state_dict()  # same seed: the weights training started from
-    trained = load_checkpoint(out / CHECKPOINT)["G"]
+    trained = last_state(out)["G"]
     assert all(not torch.equal(trained[k], initial[k]) for k in initial if "weight" in k)
     images = G(torch.randn(3, cfg.model.latent_size), plan[-1].level, 1.0)
     assert images.shape == (3, 3, 8, 8) and torch.isfinite(images).all()
@@ -156,9 +167,10 @@ def test_interrupted_run_resumes_to_identical_weights(reference, dataset, tmp_pa
 
     with pytest.raises(Interrupt):
         train_local(cfg, tmp_path / "out", device="cpu", on_checkpoint=crash_mid_transition)
-    shown = load_checkpoint(tmp_path / "out" / CHECKPOINT)["images_shown"]
+    shown = last_state(tmp_path / "out")["images_shown"]
     assert transition.start_images < shown < transition.end_images
-    assert not (tmp_path / "out" / GENERATOR_FILE).exists()
+    # generator.pt is where the last finished phase ended
+    assert load_checkpoint(tmp_path / "out" / GENERATOR_FILE)["images_shown"] == 96
 
     again = train_local(cfg, tmp_path / "out", device="cpu")
     assert again.summary["complete"] and again.summary["invocations"] == 2

@@ -123,12 +123,12 @@ def write_spec(tmp_path: Path, spec: dict, name: str = "spec.yaml") -> Path:
 def test_bad_spec_fails_before_ray_in_one_line(
     section, value, message, tmp_path, monkeypatch, capsys
 ):
-    import pipeline.run
+    import pipeline.driver.ray_session
 
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray was started for a bad spec")
 
-    monkeypatch.setattr(pipeline.run, "init_ray", no_ray)
+    monkeypatch.setattr(pipeline.driver.ray_session, "ensure_ray", no_ray)
     spec = tiny_spec(tmp_path, tmp_path / "dataset")
     spec["search_space"] = {"schedule.lr_base": {"uniform": [0.0005, 0.002]}}
     spec["search"] = {"algorithm": "random"}
@@ -143,7 +143,7 @@ def test_bad_spec_fails_before_ray_in_one_line(
 def test_spec_overrides_dry_run_and_missing_searcher(tmp_path, capsys):
     import importlib.util
 
-    from pipeline.tune import load_sweep
+    from pipeline.search.sweep import load_sweep
 
     spec = write_spec(tmp_path, tiny_spec(tmp_path, tmp_path / "dataset"))
     args = ["search.num_samples=3", "search_space.train.loss={choice: [bce, lsgan]}"]
@@ -310,7 +310,7 @@ def test_asha_decisions_after_a_restart_still_compare_with_earlier_trials(tmp_pa
     stopped; without the saved rungs it would be the first arrival and continue."""
     from types import SimpleNamespace
 
-    from pipeline.tune import PersistentASHA
+    from pipeline.search.schedulers import PersistentASHA
 
     def scheduler() -> PersistentASHA:
         asha = PersistentASHA(
@@ -334,8 +334,8 @@ def test_asha_decisions_after_a_restart_still_compare_with_earlier_trials(tmp_pa
 def test_pbt_explores_choices_as_lists_and_keeps_ranges():
     """PBT scales a tune.choice like a number (EMA beta 0.9 x 1.2 = 1.08 failed a trial):
     listed values go to PBT as lists, perturbed ranges are clamped back."""
-    from pipeline.tune import keep_in_range
-    from pipeline.tune_space import parse_dimension
+    from pipeline.search.schedulers import keep_in_range
+    from pipeline.search.space import parse_dimension
 
     dims = [
         parse_dimension("schedule.lr_base", {"loguniform": [0.001, 0.01]}),

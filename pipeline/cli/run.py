@@ -1,0 +1,121 @@
+"""`progan run CONFIG [key=value ...]` and `progan resume RUN_DIR`: the training pipeline."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `run` and `resume` subcommands."""
+    p = subparsers.add_parser(
+        "run",
+        help="train progressively: one Ray Train job per phase, tracked in MLflow",
+        description="Run every phase of the plan (or continue a run with the same --run-id).",
+    )
+    p.add_argument("config", help="YAML config, e.g. conf/demo.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    p.add_argument("--run-id", default=None, help="continue this run (default: a new id)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, write the config")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: local)")
+    p.set_defaults(func=run)
+
+    r = subparsers.add_parser(
+        "resume", help="continue an interrupted run", description="Continue RUN_DIR's run."
+    )
+    r.add_argument("run_dir", help="runs/<run id>")
+    r.add_argument("--address", default=None, help="Ray cluster address (default: local)")
+    r.set_defaults(func=resume)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Validate, then dry-run or run the pipeline; config errors are one line, exit 2."""
+    from pipeline.config import load_config
+
+    console = console_for_run()
+    try:
+        overrides = list(args.overrides) + ([f"ray_address={args.address}"] if args.address else [])
+        cfg = load_config(args.config, overrides)
+    except ValueError as err:  # ConfigError
+        console.print(f"[red]config error:[/] {err}", highlight=False)
+        return 2
+    return run_config(cfg, args.run_id, args.dry_run, console)
+
+
+def console_for_run():
+    from rich.console import Console
+
+    return Console(soft_wrap=True)
+
+
+def run_config(cfg, run_id: str | None, dry_run: bool, console) -> int:
+    """Dry-run or run a validated config; Ctrl-C (or SIGTERM) leaves a resumable run."""
+    import signal
+
+    from pipeline.config import ConfigError, dump_config
+    from pipeline.dataset import ensure_dataset
+    from pipeline.driver.run import PhaseFailedError, run_pipeline
+    from pipeline.driver.run_dir import new_run_id, plan_table, run_dir_of
+
+    run_id = run_id or new_run_id()
+    run_dir = run_dir_of(cfg, run_id)
+    try:
+        if dry_run:
+            console.print(plan_table(cfg))
+            path = dump_config(cfg, run_dir / "config.resolved.yaml")
+            console.print(f"resolved config written to {path}; nothing was run")
+            if Path(cfg.data.dataset).is_dir():
+                ensure_dataset(cfg, console)
+            return 0
+        signal.signal(signal.SIGTERM, interrupt)  # `ray job stop`, kill: like Ctrl-C
+        result = run_pipeline(cfg, run_id, console)
+    except ConfigError as err:  # a bad config, a failed preflight, a run already in use
+        kind = {"RunLockedError": "error", "PreflightError": "error"}
+        label = kind.get(type(err).__name__, "config error")
+        console.print(f"[red]{label}:[/] {err}", highlight=False)
+        return 2
+    except PhaseFailedError as err:
+        console.print(f"[red]failed:[/] {err}", highlight=False)
+        return 1
+    except KeyboardInterrupt:
+        console.print(f"\n[yellow]interrupted[/]: continue with `progan resume {run_dir}`")
+        return 130
+    if all(r["status"] != "trained" for r in result.phases):
+        console.print("all phases done earlier: nothing to train")
+    console.print(f"\n[bold green]done[/]: run {result.run_id}")
+    console.print(f"  run directory : {result.run_dir}")
+    console.print(f"  generator     : {result.generator}")
+    console.print(f"  MLflow store  : {result.tracking_uri}")
+    console.print(f"  open it with  : progan ui --root {result.run_dir.parent}")
+    return 0
+
+
+def interrupt(signum: int, frame: object) -> None:
+    """SIGTERM handler: stop the way Ctrl-C does (runs marked KILLED, resumable)."""
+    raise KeyboardInterrupt
+
+
+def resume(args: argparse.Namespace) -> int:
+    """Continue a run directory's own config under its own run id, from any directory.
+
+    The saved config's relative paths were relative to where the run was started; they are
+    made absolute against that place (see `pipeline.run.origin_of`).
+    """
+    from pipeline.config import absolute_paths, load_config_dict, validate_config
+    from pipeline.driver.run_dir import CONFIG_FILE, origin_of
+
+    console = console_for_run()
+    run_dir = Path(args.run_dir).absolute()
+    if not (run_dir / CONFIG_FILE).is_file():
+        console.print(f"[red]error:[/] {args.run_dir} is not a run directory (no {CONFIG_FILE})")
+        return 2
+    try:
+        raw = absolute_paths(load_config_dict(run_dir / CONFIG_FILE), origin_of(run_dir))
+        raw["run"]["root"] = str(run_dir.parent)
+        if args.address:
+            raw["ray_address"] = args.address
+        cfg = validate_config(raw)
+    except ValueError as err:
+        console.print(f"[red]config error:[/] {err}", highlight=False)
+        return 2
+    return run_config(cfg, run_dir.name, False, console)

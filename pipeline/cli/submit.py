@@ -1,0 +1,120 @@
+"""`progan submit | status | logs`: run the pipeline as a Ray Job on a cluster.
+
+`submit` validates the config here (a bad config never reaches the cluster), makes its
+paths absolute (the cluster must see the same paths: a shared filesystem, or the same
+machine), and submits `progan run` with the project's packages in the job's runtime env.
+Submitting the same `--run-id` again (after a failed or stopped job) resumes that run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+from pathlib import Path
+
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `submit`, `status` and `logs`."""
+    p = subparsers.add_parser("submit", help="submit `progan run` as a Ray Job")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    p.add_argument("--address", default=DEFAULT_ADDRESS, help="Ray dashboard/Jobs address")
+    p.add_argument("--run-id", default=None)
+    p.add_argument("--wait", action="store_true", help="follow the logs until the job ends")
+    p.add_argument(
+        "--python", default="python", help="interpreter on the cluster with the project's deps"
+    )
+    p.set_defaults(func=submit)
+    for name, func, help_text in (
+        ("status", status, "print a submitted job's status"),
+        ("logs", logs, "print (or --follow) a submitted job's logs"),
+    ):
+        q = subparsers.add_parser(name, help=help_text)
+        q.add_argument("job_id")
+        q.add_argument("--address", default=DEFAULT_ADDRESS)
+        if name == "logs":
+            q.add_argument("--follow", action="store_true")
+        q.set_defaults(func=func)
+
+
+def submission_id(address: str, run_id: str) -> str:
+    """`progan-<run id>`, or `progan-<run id>-<n>` when that run was submitted before."""
+    taken = {job.submission_id for job in client(address).list_jobs()}
+    name, n = f"progan-{run_id}", 1
+    while name in taken:
+        n += 1
+        name = f"progan-{run_id}-{n}"
+    return name
+
+
+def client(address: str):
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(address)
+
+
+def submit(args: argparse.Namespace) -> int:
+    """Validate locally, then submit; prints the job id."""
+    import yaml
+
+    from pipeline.config import ConfigError, load_config
+    from pipeline.driver.ray_session import RAY_ENV, project_modules
+    from pipeline.driver.run_dir import new_run_id
+    from pipeline.tracking.tracker import mlflow_settings
+
+    try:
+        cfg = load_config(args.config, args.overrides)  # paths absolute: jobs run elsewhere
+    except ConfigError as err:
+        print(f"config error: {err}")
+        return 2
+    run_id = args.run_id or new_run_id()
+    job_dir = Path(tempfile.mkdtemp(prefix="progan-job-"))
+    raw = cfg.model_dump(mode="json")
+    (job_dir / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    modules = project_modules()
+    # MLflow's settings here (tracking URI, auth variables) are the job's too
+    env = {**RAY_ENV, **mlflow_settings()}
+    job_id = client(args.address).submit_job(
+        entrypoint=f"{args.python} -m pipeline.cli run config.yaml --run-id {run_id}",
+        # a job id is used once: a resubmission of the same run id (which resumes it) gets
+        # its own, the first one keeps the plain name
+        submission_id=submission_id(args.address, run_id),
+        runtime_env={"working_dir": str(job_dir), "py_modules": modules, "env_vars": env},
+        metadata={"run_id": run_id},
+    )
+    print(job_id)
+    print(f"follow it: progan logs {job_id} --follow --address {args.address}")
+    if args.wait:
+        return follow(args.address, job_id)
+    return 0
+
+
+def follow(address: str, job_id: str) -> int:
+    """Stream a job's logs until it ends; exit 0 only if it succeeded."""
+
+    async def tail() -> None:
+        async for lines in client(address).tail_job_logs(job_id):
+            print(lines, end="", flush=True)
+
+    asyncio.run(tail())
+    final = client(address).get_job_status(job_id)
+    print(f"job {job_id}: {final}")
+    return 0 if str(final).endswith("SUCCEEDED") else 1
+
+
+def status(args: argparse.Namespace) -> int:
+    """Print the job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)."""
+    info = client(args.address).get_job_info(args.job_id)
+    print(f"{args.job_id}: {info.status}" + (f" ({info.message})" if info.message else ""))
+    return 0
+
+
+def logs(args: argparse.Namespace) -> int:
+    """Print the job's logs so far, or follow them."""
+    if args.follow:
+        return follow(args.address, args.job_id)
+    print(client(args.address).get_job_logs(args.job_id), end="")
+    return 0

@@ -1,0 +1,159 @@
+"""The driver's side of one phase: its MLflow child run, the Ray Train fit, what the
+workers said, and the phase's record in state.json."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from pipeline.config import PipelineConfig
+from pipeline.driver.run_dir import GENERATOR_FILE, STATE_FILE
+from pipeline.driver.state import RunState
+from pipeline.driver.storage import checkpoint_uri, fetch_file
+from pipeline.phases.checkpoints import GENERATOR_FILE as CHECKPOINT_GENERATOR
+from pipeline.phases.checkpoints import STATE_FILE as CHECKPOINT_STATE
+from pipeline.phases.mailbox import Mailbox
+from pipeline.phases.ray_train import WorkerFn, fit_phase
+from pipeline.phases.session import PhaseJob, TrackingIds
+from pipeline.tracking.tracker import Tracker
+from progan.schedule import Phase
+
+
+class PhaseFailedError(RuntimeError):
+    """A phase ended in a way a restart cannot mend (e.g. a non-finite loss)."""
+
+
+class PhaseDriver:
+    """The driver's side of one phase: MLflow child run, the fit, what workers said."""
+
+    def __init__(
+        self,
+        cfg: PipelineConfig,
+        run_dir: Path,
+        state: RunState,
+        tracker: Tracker,
+        mailbox: Mailbox,
+        console: Console,
+    ) -> None:
+        self.cfg, self.run_dir, self.state = cfg, run_dir, state
+        self.tracker, self.mailbox, self.console = tracker, mailbox, console
+
+    def train(
+        self,
+        job: PhaseJob,
+        storage: str,
+        env: dict[str, str],
+        worker_fn: WorkerFn | None,
+    ) -> dict[str, Any]:
+        """Fit the job's phase, record its final checkpoint and metrics, copy its
+        generator.pt into the run directory; returns its table row."""
+        state, tracker, console, phase = self.state, self.tracker, self.console, job.phase
+        ps = state.phase(phase.index)
+        ps.ray_name = ps.ray_name or f"{state.run_id}-{phase.name}"
+        if ps.child_run_id is None:
+            tags = {
+                "resolution": str(phase.resolution),
+                "phase_kind": phase.kind,
+                "phase_index": str(phase.index),
+                "images": str(phase.num_images),
+                "ray_run_name": ps.ray_name,
+            }
+            ps.child_run_id = tracker.start_run(phase.name, tags, parent_id=state.parent_run_id)
+            tracker.log_dataset(ps.child_run_id, self.cfg.data.dataset)
+        else:
+            tracker.reopen(ps.child_run_id)
+        state.save(self.run_dir / STATE_FILE)
+        console.print(f"phase {phase.name}: {phase.num_images} images, batch {phase.batch_size}")
+        assert state.parent_run_id is not None
+        job.tracking = TrackingIds(tracker.uri, state.parent_run_id, ps.child_run_id)
+        job.mailbox = self.mailbox.handle
+        started = time.perf_counter()
+        try:
+            result = fit_phase(job, storage, ps.ray_name, env, worker_fn)
+        finally:
+            self.read_mailbox(phase)
+        wall = time.perf_counter() - started
+        if not result.metrics or not result.metrics.get("final"):
+            raise PhaseFailedError(
+                f"phase {phase.name} ended without its final checkpoint (last report: "
+                f"{result.metrics}); `progan resume` continues from the latest one"
+            )
+        ps.checkpoint = checkpoint_uri(storage, ps.ray_name, result.checkpoint.path)
+        fetch_file(f"{ps.checkpoint}/{CHECKPOINT_GENERATOR}", self.run_dir / GENERATOR_FILE)
+        overhead = wall - float(result.metrics.get("train_seconds", wall))
+        tracker.log_metrics(
+            ps.child_run_id, {"phase_wall_s": wall, "ray_overhead_s": overhead}, phase.end_images
+        )
+        evaluation = {k: float(v) for k, v in result.metrics.get("eval", {}).items()}
+        ps.evaluation = evaluation
+        if evaluation:  # the parent run gets each phase's numbers too: one curve per metric
+            tracker.log_metrics(state.parent_run_id, evaluation, phase.end_images)
+        if self.cfg.tracking.log_checkpoints:
+            with result.checkpoint.as_directory() as d:
+                tracker.log_artifact(ps.child_run_id, Path(d) / CHECKPOINT_STATE, "checkpoint")
+        tracker.client.set_tag(ps.child_run_id, "checkpoint", ps.checkpoint)
+        tracker.finish(ps.child_run_id)
+        ps.done = True
+        state.save(self.run_dir / STATE_FILE)
+        note = f", SWD {evaluation['SWDx1e3_avg']:.1f}" if "SWDx1e3_avg" in evaluation else ""
+        console.print(
+            f"phase {phase.name}: done in {wall:.1f} s (Ray overhead {overhead:.1f} s){note}"
+        )
+        return {
+            "phase": phase.name,
+            "status": "trained",
+            "wall_s": round(wall, 1),
+            "ray_overhead_s": round(overhead, 1),
+            **evaluation,
+        }
+
+    def read_mailbox(self, phase: Phase) -> None:
+        """Record worker starts, show tracking trouble, fail on a non-finite loss."""
+        ps = self.state.phase(phase.index)
+        nonfinite = None
+        for m in self.mailbox.new_messages():
+            kind = m["kind"]
+            if kind == "start":
+                ps.starts.append({"origin": m["origin"], "images": m["images"]})
+                if len(ps.starts) > 1:
+                    self.console.print(
+                        f"[yellow]phase {phase.name}: workers restarted from "
+                        f"{m['origin']} at {m['images']} images[/]"
+                    )
+            elif kind == "tracking-failing":
+                self.console.print(
+                    f"[yellow]phase {phase.name}: rank 0 cannot log to MLflow ({m['error']}); "
+                    "it keeps retrying[/]"
+                )
+            elif kind == "tracking":
+                self.recover_tracking(phase, m)
+            elif kind == "nonfinite":
+                nonfinite = m["message"]
+        self.state.save(self.run_dir / STATE_FILE)
+        if ps.starts and ps.child_run_id:
+            starts = ", ".join(f"{s['origin']}@{s['images']}" for s in ps.starts)
+            self.safe(lambda: self.tracker.client.set_tag(ps.child_run_id, "starts", starts))
+        if nonfinite:
+            raise PhaseFailedError(f"phase {phase.name}: {nonfinite}")
+
+    def recover_tracking(self, phase: Phase, m: dict[str, Any]) -> None:
+        """Rank 0 could not deliver everything: log it from here, else keep it beside the
+        run (pipeline.tracking.tracker.Tracker.replay); either way say so and tag the phase."""
+        ps = self.state.phase(phase.index)
+        self.console.print(f"[yellow]phase {phase.name}: MLflow logging from rank 0 failed")
+        tag = self.tracker.replay(m, self.run_dir / f"unlogged-{phase.name}")
+        self.console.print(f"[yellow]  {tag}")
+        self.safe(lambda: self.tracker.client.set_tag(ps.child_run_id, "tracking.incomplete", tag))
+
+    def safe(self, action: Callable[[], Any]) -> bool:
+        """Run a tracking call; False (and a console line) if MLflow refuses it."""
+        try:
+            action()
+            return True
+        except Exception as err:
+            self.console.print(f"[yellow]MLflow: {type(err).__name__}: {str(err)[:200]}")
+            return False

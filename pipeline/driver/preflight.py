@@ -1,0 +1,234 @@
+"""Before the first phase: can every node that may host a training worker do its job?
+
+One small Ray task per candidate node (a node whose resources can hold one training
+worker) checks, in that node's own environment, what a worker will need: each planned
+resolution of the dataset reads, storage is the same storage the driver sees and is
+writable, the MLflow server answers, and the project code and torch/ray/mlflow versions
+are the driver's. A problem is one line naming the node, the path or package, and what to
+do, within seconds instead of after a phase's restarts are spent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import secrets
+import socket
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from pipeline.config import ConfigError
+
+PACKAGES = ("torch", "ray", "mlflow", "progan-pipeline")
+PREFLIGHT_DIR = ".preflight"
+TIMEOUT_S = 180
+
+
+class PreflightError(ConfigError):
+    """A node cannot run the training workers, in one line."""
+
+
+def code_digest() -> str:
+    """A hash of the project's source (progan, preprocessing, pipeline) as imported here."""
+    import pipeline
+    import preprocessing
+    import progan
+
+    h = hashlib.sha256()
+    for package in (progan, preprocessing, pipeline):
+        root = Path(package.__file__).parent
+        for path in sorted(root.rglob("*.py")):
+            h.update(str(path.relative_to(root.parent)).encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def environment() -> dict[str, str]:
+    """Package versions and the code digest of this process."""
+    out = {"code": code_digest()}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def node_label() -> str:
+    """'<ip> (<hostname>, node <id prefix>)' of the node this runs on."""
+    node_id = ray.get_runtime_context().get_node_id()
+    return f"{ray.util.get_node_ip_address()} ({socket.gethostname()}, node {node_id[:8]})"
+
+
+def check_dataset(dataset: str, resolutions: list[int]) -> str | None:
+    """None if every planned resolution reads one record here, else what is wrong."""
+    from preprocessing.lmdb_store import LmdbImageDataset
+
+    for res in resolutions:
+        try:
+            data = LmdbImageDataset(dataset, res)
+            if len(data) == 0:
+                return f"data.dataset {dataset}: the {res}x{res} LMDB is empty"
+            data[0]
+        except Exception as err:
+            return (
+                f"data.dataset {dataset} ({res}x{res}) is not readable here "
+                f"({type(err).__name__}: {str(err).splitlines()[0][:160]}): put the prepared "
+                "dataset where every node sees it at the same path (shared storage)"
+            )
+    return None
+
+
+def check_storage(probe: str, driver_token: str) -> str | None:
+    """None if this node reads the driver's token under `probe` and can write there."""
+    from pipeline.driver.storage import read_text, write_text
+
+    try:
+        seen = read_text(f"{probe}/driver")
+    except Exception as err:
+        return (
+            f"run.storage_path: {probe.rsplit('/', 1)[0]} is not the driver's storage here "
+            f"({type(err).__name__}): set run.storage_path to a path every node mounts, or "
+            "to a URI (s3://, gs://)"
+        )
+    if seen != driver_token:
+        return f"run.storage_path: {probe} holds another run's probe (token mismatch)"
+    try:
+        write_text(f"{probe}/{ray.get_runtime_context().get_node_id()}", "ok")
+    except Exception as err:
+        return (
+            f"run.storage_path: {probe.rsplit('/', 1)[0]} is not writable here "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:160]})"
+        )
+    return None
+
+
+def check_tracking(uri: str) -> str | None:
+    """None if the MLflow server answers from here (local stores are not checked)."""
+    from pipeline.tracking.tracker import fail_fast_http, is_local_store
+
+    if is_local_store(uri):
+        return None
+    from mlflow.tracking import MlflowClient
+
+    try:
+        with fail_fast_http():
+            MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as err:
+        return (
+            f"tracking.uri: the MLflow server {uri} does not answer here "
+            f"({type(err).__name__}): start it on an address every node reaches"
+        )
+    return None
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def check_node(request: dict[str, Any]) -> dict[str, Any]:
+    """Every check on the node this task runs on; returns its label and problems."""
+    problems = []
+    mine = environment()
+    for name, theirs in request["environment"].items():
+        if mine.get(name) != theirs:
+            what = "project code" if name == "code" else name
+            problems.append(
+                f"{what} differs from the driver's ({mine.get(name)} here, {theirs} on the "
+                "driver): install the same versions on every node (or submit with "
+                "`progan submit`, which ships the project)"
+            )
+    for problem in (
+        check_dataset(request["dataset"], request["resolutions"]),
+        check_storage(request["probe"], request["token"]),
+        check_tracking(request["tracking_uri"]),
+    ):
+        if problem:
+            problems.append(problem)
+    return {"node": node_label(), "problems": problems}
+
+
+def candidate_nodes(worker_resources: dict[str, float]) -> list[dict[str, Any]]:
+    """Alive nodes whose total resources can hold one training worker."""
+    return [
+        node
+        for node in ray.nodes()
+        if node.get("Alive")
+        and all(node["Resources"].get(k, 0) >= v for k, v in worker_resources.items() if v > 0)
+    ]
+
+
+def workers_may_run_elsewhere(worker_resources: dict[str, float]) -> bool:
+    """True if some node other than the driver's could host a training worker."""
+    here = ray.get_runtime_context().get_node_id()
+    return any(n["NodeID"] != here for n in candidate_nodes(worker_resources))
+
+
+def run_preflight(
+    worker_resources: dict[str, float],
+    dataset: str,
+    resolutions: list[int],
+    storage: str,
+    tracking_uri: str,
+    env_vars: dict[str, str],
+) -> list[str]:
+    """Check every candidate node; raise PreflightError naming the first problem.
+
+    Returns the labels of the nodes checked (empty if none can host a worker yet: an
+    autoscaling cluster may add them later, so that is not an error here).
+    """
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from pipeline.driver.storage import delete_tree, write_text
+
+    nodes = candidate_nodes(worker_resources)
+    if not nodes:
+        return []
+    token = secrets.token_hex(8)
+    probe = f"{storage.rstrip('/')}/{PREFLIGHT_DIR}-{token}"
+    try:
+        write_text(f"{probe}/driver", token)
+    except Exception as err:
+        raise PreflightError(
+            f"preflight: run.storage_path {storage} is not writable from the driver "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:160]})"
+        ) from None
+    request = {
+        "environment": environment(),
+        "dataset": dataset,
+        "resolutions": resolutions,
+        "probe": probe,
+        "token": token,
+        "tracking_uri": tracking_uri,
+    }
+    refs = {
+        check_node.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False),
+            runtime_env={"env_vars": env_vars},
+        ).remote(request): node
+        for node in nodes
+    }
+    try:
+        ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=TIMEOUT_S)
+        if pending:
+            late = ", ".join(refs[r]["NodeManagerAddress"] for r in pending)
+            raise PreflightError(
+                f"preflight: node(s) {late} did not answer in {TIMEOUT_S} s; check that they "
+                "can start Ray workers (`ray status`, the node's raylet.err)"
+            )
+        problems, checked = [], []
+        for ref in ready:
+            try:
+                report = ray.get(ref)
+            except Exception as err:  # the check could not even run there (imports, env)
+                cause = str(err).strip().splitlines()[-1][:200]
+                where = refs[ref]["NodeManagerAddress"]
+                problems.append(f"node {where}: the check itself failed ({cause})")
+                continue
+            checked.append(report["node"])
+            problems += [f"node {report['node']}: {p}" for p in report["problems"]]
+    finally:
+        delete_tree(probe)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise PreflightError(f"preflight: {problems[0]}{more}")
+    return checked

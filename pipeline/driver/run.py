@@ -1,0 +1,181 @@
+"""The pipeline driver: prepare data if asked, then one Ray Train job per phase.
+
+`run_pipeline` walks the config's phase plan. Finished phases (recorded in the run
+directory's state.json) are skipped; an unfinished one is refitted under the same Ray run
+name, which makes Ray Train V2 resume it from its latest checkpoint in storage. Each phase
+starts from the previous phase's final checkpoint in storage (pipeline.driver.storage):
+workers never open a file that only the driver's disk holds. Before the first phase a
+preflight (pipeline.driver.preflight) checks every node that may host a worker. MLflow
+holds a parent run for the pipeline run and a child run per phase; what a phase does on
+the workers is pipeline.phases (the Ray Train host).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from pipeline.config import PipelineConfig
+from pipeline.dataset import ensure_dataset
+from pipeline.driver.phase_driver import PhaseDriver, PhaseFailedError
+from pipeline.driver.ray_session import check_cluster, start_ray, worker_env
+from pipeline.driver.run_dir import (
+    GENERATOR_FILE,
+    PHASES_FILE,
+    STATE_FILE,
+    new_run_id,
+    open_run_dir,
+    phase_table_markdown,
+    run_dir_of,
+)
+from pipeline.driver.state import RunLock
+from pipeline.driver.storage import check_free_space, storage_root
+from pipeline.phases.ray_train import WorkerFn
+from pipeline.phases.session import PhaseJob
+from pipeline.tracking.tracker import Tracker, flatten, resolve_uri
+from progan.schedule import Phase
+
+__all__ = ["PhaseFailedError", "RunResult", "run_pipeline"]
+
+
+@dataclass
+class RunResult:
+    """Where a finished run's outputs are."""
+
+    run_id: str
+    run_dir: Path
+    generator: Path
+    tracking_uri: str
+    parent_run_id: str
+    phases: list[dict[str, Any]]
+
+
+def run_pipeline(
+    cfg: PipelineConfig,
+    run_id: str | None = None,
+    console: Console | None = None,
+    test_hooks: dict[str, Any] | None = None,
+    on_phase_end: Callable[[Phase, dict[str, float]], None] | None = None,
+    parent_run_id: str | None = None,
+    run_tags: dict[str, str] | None = None,
+    worker_fn: WorkerFn | None = None,
+    preflight: bool = True,
+) -> RunResult:
+    """Run (or continue) every phase of the plan; returns where the results are.
+
+    `on_phase_end(phase, metrics)` is called after each phase trained here (not for phases
+    done earlier) with its wall time, Ray overhead and end-of-phase evaluation metrics.
+    `parent_run_id` nests the run's MLflow parent run under another run (a Tune sweep's)
+    and `run_tags` are added to it, when it is created. `worker_fn` replaces the per-rank
+    function (tests wrap `pipeline.phases.ray_train.phase_worker` to inject faults) and
+    `test_hooks` reach it as the jobs' `hooks`. A second process on the same run is refused
+    (RunLockedError).
+    """
+    console = console or Console()
+    run_dir = run_dir_of(cfg, run_id or new_run_id())
+    with RunLock(run_dir):
+        return _run_locked(
+            cfg,
+            run_dir,
+            console,
+            test_hooks or {},
+            on_phase_end,
+            parent_run_id,
+            run_tags,
+            worker_fn,
+            preflight,
+        )
+
+
+def _run_locked(
+    cfg: PipelineConfig,
+    run_dir: Path,
+    console: Console,
+    test_hooks: dict[str, Any],
+    on_phase_end: Callable[[Phase, dict[str, float]], None] | None,
+    parent_run_id: str | None,
+    run_tags: dict[str, str] | None,
+    worker_fn: WorkerFn | None,
+    preflight: bool,
+) -> RunResult:
+    from pipeline.phases.mailbox import Mailbox
+    from pipeline.tools.registry import publish_generator
+
+    run_id, plan = run_dir.name, cfg.plan
+    state = open_run_dir(cfg, run_dir)
+    generator = run_dir / GENERATOR_FILE
+    if state.finished and generator.is_file():  # needs neither data nor Ray
+        console.print(f"run {run_id}: all phases done earlier ({run_dir})")
+        rows = [
+            {"phase": p.name, "status": "skipped (done earlier)", **state.phase(p.index).evaluation}
+            for p in plan
+        ]
+        uri = state.tracking_uri or ""
+        return RunResult(run_id, run_dir, generator, uri, state.parent_run_id or "", rows)
+    start_ray(cfg.ray_address)  # first: a prepare from data.source runs on this Ray too
+    ensure_dataset(cfg, console)
+    uri = resolve_uri(cfg.tracking.uri, cfg.run.root)
+    storage = storage_root(cfg, run_dir)
+    env = worker_env(uri)
+    if preflight:
+        started = time.perf_counter()
+        check_cluster(cfg, uri, storage, env)
+        console.print(f"preflight: nodes ok ({time.perf_counter() - started:.1f} s)")
+    tracker = Tracker(uri, cfg.tracking.experiment, Path(cfg.run.root) / "mlartifacts")
+    state.tracking_uri = uri
+    if state.parent_run_id is None:
+        tags = {"run_id": run_id, "run_dir": str(run_dir), "storage": storage, **(run_tags or {})}
+        state.parent_run_id = tracker.start_run(run_id, tags, parent_id=parent_run_id)
+        tracker.log_params(state.parent_run_id, flatten(cfg.model_dump(mode="json")))
+        tracker.log_dataset(state.parent_run_id, cfg.data.dataset)
+    else:
+        tracker.reopen(state.parent_run_id)
+    state.save(run_dir / STATE_FILE)
+    console.print(f"run [bold]{run_id}[/] in {run_dir}; storage {storage}; MLflow: {uri}")
+
+    mailbox = Mailbox()
+    driver = PhaseDriver(cfg, run_dir, state, tracker, mailbox, console)
+    rows: list[dict[str, Any]] = []
+    previous: str | None = None
+    ps = None
+    try:
+        for phase in plan:
+            ps = state.phase(phase.index)
+            if ps.done:
+                console.print(f"phase {phase.name}: done earlier, skipped")
+                previous = ps.checkpoint
+                rows.append({"phase": phase.name, "status": "skipped (done earlier)"})
+                rows[-1].update(ps.evaluation)
+                continue
+            check_free_space(cfg, storage)
+            job = PhaseJob(cfg, phase.index, init_checkpoint=previous, hooks=test_hooks)
+            row = driver.train(job, storage, env, worker_fn)
+            previous = ps.checkpoint
+            rows.append(row)
+            if on_phase_end is not None:
+                on_phase_end(phase, {k: v for k, v in row.items() if k not in ("phase", "status")})
+    except BaseException as err:
+        # stopped (Ctrl-C, SIGTERM, a Tune scheduler's sys.exit) vs broken
+        status = "KILLED" if isinstance(err, KeyboardInterrupt | SystemExit) else "FAILED"
+        for run in (ps.child_run_id if ps and not ps.done else None, state.parent_run_id):
+            if run:
+                tracker.finish(run, status)
+        raise
+    finally:
+        mailbox.close()
+
+    table = run_dir / PHASES_FILE
+    table.write_text(phase_table_markdown(plan, rows))
+    tracker.log_artifact(state.parent_run_id, table)
+    tracker.log_table(state.parent_run_id, rows, "phases.json")
+    tracker.client.set_tag(state.parent_run_id, "checkpoint", previous)
+    publish_generator(cfg, tracker, state, generator, console)  # the registered model
+    tracker.finish(state.parent_run_id)
+    state.finished = True
+    state.save(run_dir / STATE_FILE)
+    return RunResult(run_id, run_dir, generator, uri, state.parent_run_id, rows)

@@ -1,0 +1,85 @@
+"""The sweep's schedulers, clocked in kimg (thousands of images shown): ASHA whose rungs
+survive a resumed sweep, PBT over the search space (its explore step kept inside the
+ranges), or FIFO."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from ray.tune.schedulers import AsyncHyperBandScheduler
+
+from pipeline.phases.tune_trial import TIME_ATTR
+from pipeline.search.space import Dimension
+from pipeline.search.spec import SCHEDULER_FILE, Sweep
+
+
+class PersistentASHA(AsyncHyperBandScheduler):
+    """ASHA whose rungs survive a resumed sweep, through its public `save` / `restore`.
+
+    `Tuner.restore` brings back the searcher and the trials but builds the scheduler
+    afresh; this one restores its saved state on first use and saves after each decision.
+    """
+
+    def __init__(self, state_file: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._state_file = state_file
+        self._restored = False
+
+    def _restore_once(self) -> None:
+        if not self._restored:
+            self._restored = True
+            if Path(self._state_file).is_file():
+                self.restore(self._state_file)
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        self._restore_once()
+        super().on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        self._restore_once()
+        action = super().on_trial_result(tune_controller, trial, result)
+        self.save(self._state_file)
+        return action
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        self._restore_once()
+        super().on_trial_complete(tune_controller, trial, result)
+        self.save(self._state_file)
+
+
+def keep_in_range(dimensions: list[Dimension], config: dict[str, Any]) -> dict[str, Any]:
+    """PBT's explore step, after its perturbation: every value back inside its range (a
+    learning rate x 1.2 past the top of its log-uniform range, an EMA beta past 1)."""
+    for dim in dimensions:
+        if dim.key in config:
+            config[dim.key] = dim.clamp(config[dim.key])
+    return config
+
+
+def make_scheduler(sweep: Sweep):
+    """ASHA (persistent), PBT over the search space, or FIFO, all clocked in kimg."""
+    from ray.tune.schedulers import FIFOScheduler, PopulationBasedTraining
+
+    sch = sweep.spec.scheduler
+    if sch.type == "asha":
+        return PersistentASHA(
+            str(sweep.sweep_dir / "ray" / SCHEDULER_FILE),
+            time_attr=TIME_ATTR,
+            max_t=sch.max_t or sweep.trial_kimg,
+            grace_period=sch.grace_period or sweep.first_measured_kimg,
+            reduction_factor=sch.reduction_factor,
+        )
+    if sch.type == "pbt":
+        return PopulationBasedTraining(
+            time_attr=TIME_ATTR,
+            perturbation_interval=sch.perturbation_interval or sweep.first_measured_kimg,
+            hyperparam_mutations={d.key: d.pbt_mutation() for d in sweep.dimensions},
+            custom_explore_fn=partial(keep_in_range, sweep.dimensions),
+            quantile_fraction=sch.quantile_fraction,
+            resample_probability=sch.resample_probability,
+            require_attrs=False,  # mid-phase checkpoints carry no metric; PBT skips them
+            synch=sch.synchronous,
+        )
+    return FIFOScheduler()  # no early stopping

@@ -1,0 +1,4 @@
+"""MLflow tracking on the driver's side: the experiment, runs, datasets, tables (`tracker`),
+the queued logger a training rank uses (`metric_logger`), and the loss-curve plot (`plots`).
+What a phase logs is pipeline.phases.mlflow_sink; the registered generator is
+pipeline.tools.registry's."""
