@@ -2,7 +2,7 @@
 
 `GANTrainer` owns G, D, the EMA generator and both optimizers, knows where it is in the
 schedule (images shown), and turns real batches into optimizer steps. It runs the same in a
-notebook, in a plain loop (`pipeline.train_local`), or inside a Ray Train worker, where the
+notebook, in a plain loop (`pipeline.phases.local`), or inside a Ray Train worker, where the
 pipeline passes a `wrap` function (DDP) applied to what is trained in each phase.
 
 All randomness of a step (latents, GP mixing, mirroring, noise) is drawn from a generator

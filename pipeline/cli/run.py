@@ -99,7 +99,7 @@ def resume(args: argparse.Namespace) -> int:
     """Continue a run directory's own config under its own run id, from any directory.
 
     The saved config's relative paths were relative to where the run was started; they are
-    made absolute against that place (see `pipeline.run.origin_of`).
+    made absolute against that place (see `pipeline.driver.run_dir.origin_of`).
     """
     from pipeline.config import absolute_paths, load_config_dict, validate_config
     from pipeline.driver.run_dir import CONFIG_FILE, origin_of

@@ -8,7 +8,7 @@ restart after a worker failure, or a rerun after the driver died), else from the
 phase's final checkpoint in storage, else from scratch, and runs the session. Workers read
 only the dataset and storage (both shared by every node) and talk to the driver only
 through Ray: `ray.train.report` (every rank, the same images shown: it is a barrier) and
-the run's mailbox (pipeline.driver.mailbox).
+the run's mailbox (pipeline.phases.mailbox).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ The three hosts (pipeline.phases.ray_train: a Ray Train worker per rank; .tune_t
 trial's process; .local: `progan train-local`) build a `GANTrainer`, restore it
 (`restore_trainer`) and run a `PhaseSession` for a `PhaseJob`. What differs between them is
 only where things go, so each passes `PhaseSink`s: Ray Train reports and the driver's
-mailbox, MLflow (pipeline.tracking.phase_logging), Tune reports, a local folder.
+mailbox, MLflow (pipeline.phases.mlflow_sink), Tune reports, a local folder.
 
 At every checkpoint point (`run.checkpoint_every_kimg`, and the phase end) rank 0 writes one
 checkpoint directory (pipeline.phases.checkpoints: state.pt, the sample grid, and at the end
@@ -62,7 +62,7 @@ class PhaseJob:
     phase_index: int
     init_checkpoint: str | None = None  # the previous phase's final checkpoint (a URI)
     tracking: TrackingIds | None = None
-    mailbox: Any = None  # pipeline.driver.mailbox handle (Ray Train only)
+    mailbox: Any = None  # pipeline.phases.mailbox handle (Ray Train only)
     evaluate: bool = True  # evaluate cfg.eval's metrics at the phase end
     hooks: dict[str, Any] = field(default_factory=dict)  # test-only fault injection
 

@@ -7,7 +7,7 @@ drops and comes back receives everything. MLflow's own asynchronous logging
 (`synchronous=False`) drops a batch that fails (mlflow/utils/async_logging logs the error
 and moves on), hence this queue. `close()` stops the sender, tries once more and returns
 what is still unsent (metrics, and grids as PNG bytes) for the worker to post to the
-driver (pipeline.mailbox), which logs it itself or keeps it in the run directory.
+driver (pipeline.phases.mailbox), which logs it itself or keeps it in the run directory.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ The experiment is tagged a model-training experiment (`mlflow.experimentKind`), 
 UI opens its training view rather than the GenAI one. The embedded default store is a SQLite
 file under the runs root (`runs/mlflow.db`) with artifacts beside it (`runs/mlartifacts`),
 so every local run can be compared in one UI. Rank 0 of a phase logs through
-`pipeline.metric_logger` (queued, never blocking training); the registered model is
-`pipeline.model_registry`'s. A cluster whose workers may run on other nodes needs a
+pipeline.tracking.metric_logger (queued, never blocking training); the registered model is
+pipeline.tools.registry's. A cluster whose workers may run on other nodes needs a
 tracking server (http/https); a local file store is refused there.
 """
 
