@@ -19,6 +19,7 @@ from pipeline.config.loading import (
     merge,
     nested,
     parse_overrides,
+    read_yaml_mapping,
     validate_config,
 )
 from pipeline.config.sections import (
@@ -58,5 +59,6 @@ __all__ = [
     "merge",
     "nested",
     "parse_overrides",
+    "read_yaml_mapping",
     "validate_config",
 ]

@@ -120,17 +120,24 @@ def describe(err: ValidationError, model: type | None = None) -> str:
     return f"{key}: {msg}{got}{more}" if loc else f"{msg}{more}"
 
 
-def load_config_dict(path: str | os.PathLike, overrides: list[str] | None = None) -> dict:
-    """The raw YAML with overrides applied (not yet validated)."""
+def read_yaml_mapping(path: str | os.PathLike, what: str, expected: str) -> dict:
+    """A YAML file whose top level is a mapping; each way it can fail is one ConfigError
+    (`what` names the file in "not found", `expected` says what the mapping should hold)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"{what} not found: {path}")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from err
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        raise ConfigError(f"{path}: expected {expected}")
+    return raw
+
+
+def load_config_dict(path: str | os.PathLike, overrides: list[str] | None = None) -> dict:
+    """The raw YAML with overrides applied (not yet validated)."""
+    raw = read_yaml_mapping(path, "config file", "a mapping of sections at the top level")
     return merge(int_keys(raw), parse_overrides(overrides or []))
 
 

@@ -26,6 +26,7 @@ from pipeline.config import (
     merge,
     nested,
     parse_overrides,
+    read_yaml_mapping,
     validate_config,
 )
 from pipeline.search.space import (
@@ -166,14 +167,7 @@ class Sweep:
 def load_spec_dict(path: str | os.PathLike, overrides: list[str] | None = None) -> dict:
     """The tune YAML with overrides applied and `base` loaded (relative to the YAML's folder)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"tune spec not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({one_line(err)})") from err
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping (base, trial, search_space, search...)")
+    raw = read_yaml_mapping(path, "tune spec", "a mapping (base, trial, search_space, search...)")
     extra = parse_overrides(overrides or [])
     base_extra = extra.pop("base") if isinstance(extra.get("base"), dict) else {}
     space = flatten_space(raw.get("search_space") or {}) if "search_space" in raw else None
