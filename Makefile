@@ -20,8 +20,9 @@ install: $(STAMP)
 TEST_WORKERS ?= 2
 PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
+# test-results/junit.xml keeps every failing test's full output (CI prints it)
 test: $(STAMP)
-	$(PYTEST)
+	$(PYTEST) --junitxml=test-results/junit.xml
 
 # The edit-test loop: everything but the end-to-end runs marked slow (Ray, MLflow, MTCNN).
 test-fast: $(STAMP)

@@ -19,6 +19,7 @@ from pipeline.config import dump_config
 from pipeline.driver.run import PhaseFailedError, run_pipeline
 from pipeline.driver.run_dir import run_dir_of
 from pipeline.driver.state import RunLock, RunLockedError, RunState
+from pipeline.driver.storage import SNAPSHOT_FILE
 from pipeline.phases.local import train_local
 from pipeline.tracking.tracker import resolve_uri
 from preprocessing.lmdb_store import LmdbImageDataset
@@ -204,7 +205,7 @@ def test_a_second_driver_on_the_same_run_is_refused(dataset, tmp_path):
 
 
 def start_run_until_checkpoint(cfg, run_id: str, phase: str, **popen) -> subprocess.Popen:
-    """`progan run` in a subprocess, returned once phase `phase` has a Ray checkpoint."""
+    """`progan run` in a subprocess, returned once Ray has recorded a checkpoint of `phase`."""
     config = dump_config(cfg, Path(cfg.run.root).parent / f"{run_id}.yaml")
     exe = Path(sys.executable).parent / "progan"
     proc = subprocess.Popen(
@@ -212,9 +213,12 @@ def start_run_until_checkpoint(cfg, run_id: str, phase: str, **popen) -> subproc
     )
     ray_dir = Path(cfg.run.root) / run_id / "ray"
     deadline = time.time() + 240
-    while not list(ray_dir.glob(f"{run_id}-{phase}-*/images-*")) and time.time() < deadline:
+    snapshot = str(ray_dir / f"{run_id}-{phase}-*" / SNAPSHOT_FILE)
+    # a checkpoint folder alone is not enough: Ray records it at its next poll, and a kill
+    # before that leaves the phase to restart from its beginning
+    while not faults.recorded_checkpoints(snapshot) and time.time() < deadline:
         assert proc.poll() is None, "the run ended before its phase had a checkpoint"
-        time.sleep(0.2)
+        time.sleep(0.1)
     return proc
 
 
