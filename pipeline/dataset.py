@@ -33,6 +33,26 @@ def ensure_dataset(cfg: PipelineConfig, console: Console | None) -> None:
             f"data.dataset: {dataset} has no LMDB for resolution(s) {missing} (it has "
             f"{have}); prepare it with --resolution {cfg.model.resolution}"
         )
+    check_enough_for_evaluation(cfg)
+
+
+def check_enough_for_evaluation(cfg: PipelineConfig) -> None:
+    """Refuse, before any training, a dataset too small for the end-of-phase evaluation
+    (it would fail at every phase end)."""
+    from pipeline.evaluation import MIN_IMAGES
+    from preprocessing.lmdb_store import read_manifest
+
+    if not (cfg.eval.enabled and cfg.eval.metrics):
+        return
+    counts = read_manifest(cfg.data.dataset).get("counts", {})
+    for res in sorted(cfg.planned_resolutions):
+        n = int(counts.get(str(res), MIN_IMAGES))
+        if n < MIN_IMAGES:
+            raise ConfigError(
+                f"data.dataset: {cfg.data.dataset} has only {n} images at {res}x{res}; the "
+                f"end-of-phase evaluation needs at least {MIN_IMAGES}: prepare more photos, "
+                "or set eval.enabled=false"
+            )
 
 
 def prepare_source(cfg: PipelineConfig, console: Console) -> None:

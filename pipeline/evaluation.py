@@ -34,6 +34,7 @@ from progan.networks import Alpha
 from progan.sampling import fixed_latents, generate
 
 BATCH = 64
+MIN_IMAGES = 8  # fewer real images than this give no usable statistic
 
 
 class EvaluationError(ValueError):
@@ -105,7 +106,7 @@ def evaluate_generator(
     check_metrics(metrics, fid_weights)
     started = time.perf_counter()
     n = min(num_images, len(LmdbImageDataset(dataset_dir, resolution)))
-    if n < 8:
+    if n < MIN_IMAGES:
         raise EvaluationError(f"{dataset_dir} has only {n} images at {resolution}x{resolution}")
     n -= n % 2  # SWD halves and MS-SSIM pairs
     manifest = read_manifest(dataset_dir)

@@ -8,15 +8,15 @@ import io
 import json
 import os
 import struct
-import tempfile
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import lmdb
 import numpy as np
 from PIL import Image
+
+from progan.files import atomic_file
 
 MANIFEST = "manifest.json"
 KEYS_DIR = "keys"
@@ -128,25 +128,6 @@ class LmdbWriter:
             env.close()
         self.envs.clear()
         self.keys = None
-
-
-@contextmanager
-def atomic_file(path: str | os.PathLike, fsync: bool = False) -> Iterator[BinaryIO]:
-    """A binary file that appears at `path` only once complete: written to a temporary file
-    beside it, optionally fsynced, then renamed over `path` (removed on an error)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any, **dumps: Any) -> Path:

@@ -12,6 +12,7 @@ bytes of an uninterrupted run. Every wait is bounded by `timeout_s`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -46,6 +47,7 @@ from preprocessing.runners import (
 )
 from preprocessing.shard_file import PROGRESS, read_header, shard_path
 from preprocessing.sources import Source, open_source
+from progan.files import FolderLock
 
 __all__ = ["PrepareError", "PrepareSummary", "dataset_fingerprint", "prepare_dataset"]
 
@@ -121,6 +123,20 @@ def _owned_paths(out: Path) -> list[Path]:
     return [p for p in out.iterdir() if p.name in names] + sorted(out.glob("res-*"))
 
 
+class OutputLock(FolderLock):
+    """`<out>/.lock` while a prepare writes there: two prepares into one folder would
+    merge into one dataset and delete each other's LMDBs."""
+
+    def __init__(self, out: Path) -> None:
+        super().__init__(out, PrepareError)
+
+    def message(self, holder: str) -> str:
+        return (
+            f"{self.path.parent} is being prepared by {holder}; wait for it to end (or stop "
+            "it), then run again: it resumes"
+        )
+
+
 def _check_output(out: Path, run: dict, source: Source, config: PrepareConfig, force: bool):
     """Refuse to mix datasets; with force, clear what a previous run wrote."""
     if not out.exists():
@@ -130,7 +146,7 @@ def _check_output(out: Path, run: dict, source: Source, config: PrepareConfig, f
         previous = read_manifest(out)
     elif (out / PROGRESS / "run.json").is_file():
         previous = json.loads((out / PROGRESS / "run.json").read_text())
-    elif any(out.iterdir()) and not force:
+    elif any(p.name != OutputLock.NAME for p in out.iterdir()) and not force:
         raise PrepareError(f"{out} is not empty and is not a prepared dataset; refusing to write")
     if force:
         _close_own_readers(out)
@@ -172,59 +188,61 @@ def prepare_dataset(
     """
     t_start = time.perf_counter()
     config = make_config(resolution=resolution, detector=detector, **options)
-    started_ray = False
-    try:
-        if isinstance(source, Source) or Path(source).exists():
-            src = open_source(source)
-        else:  # only the cluster's nodes see it
-            started_ray = ensure_ray(address, **QUIET_RAY)
-            plan_workers(alive_node_resources(), workers, gpus_per_worker)  # before any task
-            src = list_remotely(os.fspath(source), timeout_s)
-        src = src.limited(config.limit)
-        out = Path(out_dir)
-        resolutions = resolutions_down_to_4(config.resolution)
-        run = {
-            "fingerprint": dataset_fingerprint(src, config),
-            "source_fingerprint": src.fingerprint,
-            "config": config.model_dump(mode="json"),
-        }
-        previous = _check_output(out, run, src, config, force)
-        if previous is not None and (out / MANIFEST).is_file():
-            return _summary_from_manifest(out, previous, time.perf_counter() - t_start)
+    with contextlib.ExitStack() as stack:
+        started_ray = False
+        try:
+            if isinstance(source, Source) or Path(source).exists():
+                src = open_source(source)
+            else:  # only the cluster's nodes see it
+                started_ray = ensure_ray(address, **QUIET_RAY)
+                plan_workers(alive_node_resources(), workers, gpus_per_worker)  # before any task
+                src = list_remotely(os.fspath(source), timeout_s)
+            src = src.limited(config.limit)
+            out = Path(out_dir)
+            resolutions = resolutions_down_to_4(config.resolution)
+            run = {
+                "fingerprint": dataset_fingerprint(src, config),
+                "source_fingerprint": src.fingerprint,
+                "config": config.model_dump(mode="json"),
+            }
+            stack.enter_context(OutputLock(out))  # a second prepare into `out` is refused
+            previous = _check_output(out, run, src, config, force)
+            if previous is not None and (out / MANIFEST).is_file():
+                return _summary_from_manifest(out, previous, time.perf_counter() - t_start)
 
-        shards = shards_of(src.keys, config.shard_size)
-        pending = [(i, k) for i, k in enumerate(shards) if not shard_path(out, i).is_file()]
-        in_process = len(shards) == 1 and address is None and not gpus_per_worker
-        plan = WorkerPlan(1, 0.0)
-        if not in_process:  # resources checked before anything is written or started
-            started_ray = ensure_ray(address, **QUIET_RAY) or started_ray
-            plan = plan_workers(alive_node_resources(), workers, gpus_per_worker, len(pending))
-        (out / PROGRESS).mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / PROGRESS / "run.json", run, sort_keys=True)
-        stats = {"nodes": set(), "timings": {}}
-        if pending and in_process:
-            stats = run_in_process(out, src, config, pending)
-        elif pending:
-            stats = run_shards(out, src, config, pending, plan, timeout_s, progress)
-        t_merge = time.perf_counter()
-        _close_own_readers(out)
-        counts = merge(out, len(shards), resolutions, timeout_s, in_process)
-        merge_s = time.perf_counter() - t_merge
-    finally:
-        if started_ray:
-            import ray
+            shards = shards_of(src.keys, config.shard_size)
+            pending = [(i, k) for i, k in enumerate(shards) if not shard_path(out, i).is_file()]
+            in_process = len(shards) == 1 and address is None and not gpus_per_worker
+            plan = WorkerPlan(1, 0.0)
+            if not in_process:  # resources checked before anything is written or started
+                started_ray = ensure_ray(address, **QUIET_RAY) or started_ray
+                plan = plan_workers(alive_node_resources(), workers, gpus_per_worker, len(pending))
+            (out / PROGRESS).mkdir(parents=True, exist_ok=True)
+            write_json_atomic(out / PROGRESS / "run.json", run, sort_keys=True)
+            stats = {"nodes": set(), "timings": {}}
+            if pending and in_process:
+                stats = run_in_process(out, src, config, pending)
+            elif pending:
+                stats = run_shards(out, src, config, pending, plan, timeout_s, progress)
+            t_merge = time.perf_counter()
+            _close_own_readers(out)
+            counts = merge(out, len(shards), resolutions, timeout_s, in_process)
+            merge_s = time.perf_counter() - t_merge
+        finally:
+            if started_ray:
+                import ray
 
-            ray.shutdown()
+                ray.shutdown()
 
-    summary = _finalize(out, src, source, config, run, resolutions, counts, len(shards))
-    shutil.rmtree(out / PROGRESS, ignore_errors=True)  # shard files: merged, no longer needed
-    summary.resumed_shards = len(shards) - len(pending)
-    summary.processed_shards = len(pending)
-    summary.elapsed_s = time.perf_counter() - t_start
-    summary.nodes = sorted(stats["nodes"])
-    summary.timings = {**stats["timings"], "merge (wall)": merge_s}
-    summary.plan = asdict(plan)
-    return summary
+        summary = _finalize(out, src, source, config, run, resolutions, counts, len(shards))
+        shutil.rmtree(out / PROGRESS, ignore_errors=True)  # shard files: merged, no longer needed
+        summary.resumed_shards = len(shards) - len(pending)
+        summary.processed_shards = len(pending)
+        summary.elapsed_s = time.perf_counter() - t_start
+        summary.nodes = sorted(stats["nodes"])
+        summary.timings = {**stats["timings"], "merge (wall)": merge_s}
+        summary.plan = asdict(plan)
+        return summary
 
 
 def _finalize(out, src, spec, config, run, resolutions, counts, shards) -> PrepareSummary:

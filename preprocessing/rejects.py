@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import csv
+import io
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+
+from progan.files import atomic_file
 
 #: Reason codes, with what each means (also in docs/preprocessing.md).
 REASONS: dict[str, str] = {
@@ -48,8 +51,13 @@ def summarize(rejects: list[Reject]) -> dict[str, int]:
 
 
 def write_csv(path: Path, rejects: list[Reject]) -> None:
-    """Write `key,reason,detail` rows, sorted by key."""
-    with open(path, "w", newline="", encoding="utf-8") as fh:
+    """Write `key,reason,detail` rows, sorted by key, atomically. UTF-8; a file name that is
+    not valid UTF-8 is written as its own bytes (as the LMDB keys hold it), so the row
+    names the file exactly as the file system does."""
+    with (
+        atomic_file(path) as raw,
+        io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline="") as fh,
+    ):
         writer = csv.writer(fh)
         writer.writerow(["key", "reason", "detail"])
         for r in sorted(rejects, key=lambda r: r.key):

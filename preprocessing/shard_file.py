@@ -14,8 +14,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from preprocessing.lmdb_records import atomic_file
 from preprocessing.rejects import Reject
+from progan.files import atomic_file
 
 PROGRESS = "_progress"
 Record = tuple[str, dict[int, bytes]]  # record key, {resolution: encoded image}

@@ -11,12 +11,13 @@ from __future__ import annotations
 import os
 import pickle
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from progan.files import atomic_file
 
 FORMAT = "progan-checkpoint"
 VERSION = 1
@@ -28,19 +29,9 @@ class UnsafeCheckpointError(RuntimeError):
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """`torch.save` to a temporary file beside `path`, fsync, then rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_file(path, fsync=True) as f:
+        torch.save(obj, f)
+    return Path(path)
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
@@ -90,7 +81,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what `rng_state` captured, from CPU tensors wherever the state was loaded."""
     torch.set_rng_state(state["torch"].cpu())
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+        # one state per GPU visible when saved; a node may show fewer (or more) now
+        for index, saved in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(saved.cpu(), index)
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     n = state["numpy"]

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    field_validator,
+    model_validator,
+)
 
 MIN_RESOLUTION = 4
 MAX_RESOLUTION = 1024
@@ -103,9 +111,9 @@ class ScheduleConfig(StrictModel):
         None, gt=0, description="if set, the final stabilization runs until this many kimg"
     )
     batch_base: int = Field(16, ge=1)
-    batch_size: dict[int, int] = Field(default_factory=dict, description="per resolution")
+    batch_size: dict[int, PositiveInt] = Field(default_factory=dict, description="per resolution")
     lr_base: float = Field(0.001, gt=0)
-    lr: dict[int, float] = Field(default_factory=dict, description="per resolution")
+    lr: dict[int, PositiveFloat] = Field(default_factory=dict, description="per resolution")
 
     @field_validator("start_resolution")
     @classmethod

@@ -120,3 +120,107 @@ def records_batches(config: dict[str, Any]) -> None:
 
     progan.trainer.GANTrainer.step = recorded
     phase_worker(config)
+
+
+# --- the CLI fault matrix (tests/fault_cli.py): a kill -9 of the whole run at a named point ---
+
+
+def kill_run(driver_group: int) -> None:
+    """kill -9 of the run's process group (the driver, its local Ray, its workers), as a
+    machine that loses power would; this process too, in case it is outside that group."""
+    import signal
+
+    os.killpg(driver_group, signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def recorded_checkpoints(snapshot_glob: str) -> list[str]:
+    """The checkpoints Ray Train has recorded in the snapshot(s) matching the glob."""
+    import glob
+    import json
+
+    for path in glob.glob(snapshot_glob):
+        try:
+            return [
+                c["checkpoint_dir_name"]
+                for c in json.loads(Path(path).read_text())["checkpoint_results"]
+            ]
+        except (ValueError, KeyError, OSError):  # being written
+            return []
+    return []
+
+
+def worker_fault(kind: str, at: int, driver_group: int, recorded: str | None = None):
+    """A `phase_worker` that kills the run at a point: "mid-step" (after the step that
+    reaches `at` images), "checkpoint-write" (half-way through writing the state.pt of the
+    checkpoint at `at` images), "evaluation" (in phase `at`'s end-of-phase evaluation).
+
+    Ray records a reported checkpoint at its controller's next poll; a kill before that
+    leaves the run to restart from the one before (correct, but not the case under test).
+    Given the glob `recorded` of the phase's Ray snapshot, "mid-step" waits until some
+    checkpoint is recorded and "evaluation" until the phase's final one is."""
+
+    def wait_recorded(name: str | None) -> None:
+        deadline = time.time() + 120
+        while recorded:
+            listed = recorded_checkpoints(recorded)
+            if (name in listed) if name else listed:
+                return
+            assert time.time() < deadline, f"{name or 'nothing'} recorded at {recorded}"
+            time.sleep(0.05)
+
+    def faulty_worker(config: dict[str, Any]) -> None:
+        import pipeline.phases.session as session
+        import progan.trainer
+        from progan.files import atomic_file
+
+        if kind == "mid-step":
+            step = progan.trainer.GANTrainer.step
+
+            def train_step(self, reals):
+                out = step(self, reals)
+                if self.images_shown == at:
+                    wait_recorded(None)
+                    kill_run(driver_group)
+                return out
+
+            progan.trainer.GANTrainer.step = train_step
+        elif kind == "checkpoint-write":
+            save = session.save_checkpoint
+
+            def save_checkpoint(state, path):
+                if state["images_shown"] == at:
+                    with atomic_file(path) as f:
+                        f.write(b"half a checkpoint")
+                        kill_run(driver_group)
+                return save(state, path)
+
+            session.save_checkpoint = save_checkpoint
+        elif kind == "evaluation":
+            evaluate = session.PhaseSession.evaluate
+
+            def evaluate_then_die(self):
+                if self.phase.index == at:
+                    from pipeline.phases.checkpoints import checkpoint_name
+
+                    wait_recorded(checkpoint_name(self.phase.end_images))
+                    kill_run(driver_group)
+                return evaluate(self)
+
+            session.PhaseSession.evaluate = evaluate_then_die
+        else:
+            raise ValueError(kind)
+        phase_worker(config)
+
+    return faulty_worker
+
+
+def evaluation_raises(config: dict[str, Any]) -> None:
+    """The end-of-phase evaluation raises (a corrupt metrics cache, out of memory...)."""
+    import pipeline.phases.session as session
+
+    def evaluate(self):
+        raise RuntimeError("metrics cache is corrupt (injected)")
+
+    session.PhaseSession.evaluate = evaluate
+    phase_worker(config)

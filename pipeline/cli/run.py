@@ -56,9 +56,14 @@ def run_config(cfg, run_id: str | None, dry_run: bool, console) -> int:
     from pipeline.dataset import ensure_dataset
     from pipeline.driver.run import PhaseFailedError, run_pipeline
     from pipeline.driver.run_dir import new_run_id, plan_table, run_dir_of
+    from pipeline.tracking.secrets import redact_uri
 
-    run_id = run_id or new_run_id()
-    run_dir = run_dir_of(cfg, run_id)
+    try:
+        run_dir = run_dir_of(cfg, run_id or new_run_id())
+    except ConfigError as err:  # an id that cannot name a folder
+        console.print(f"[red]config error:[/] {err}", highlight=False)
+        return 2
+    run_id = run_dir.name
     try:
         if dry_run:
             console.print(plan_table(cfg))
@@ -70,7 +75,7 @@ def run_config(cfg, run_id: str | None, dry_run: bool, console) -> int:
         signal.signal(signal.SIGTERM, interrupt)  # `ray job stop`, kill: like Ctrl-C
         result = run_pipeline(cfg, run_id, console)
     except ConfigError as err:  # a bad config, a failed preflight, a run already in use
-        kind = {"RunLockedError": "error", "PreflightError": "error"}
+        kind = {"RunLockedError": "error", "PreflightError": "error", "StorageError": "error"}
         label = kind.get(type(err).__name__, "config error")
         console.print(f"[red]{label}:[/] {err}", highlight=False)
         return 2
@@ -85,7 +90,7 @@ def run_config(cfg, run_id: str | None, dry_run: bool, console) -> int:
     console.print(f"\n[bold green]done[/]: run {result.run_id}")
     console.print(f"  run directory : {result.run_dir}")
     console.print(f"  generator     : {result.generator}")
-    console.print(f"  MLflow store  : {result.tracking_uri}")
+    console.print(f"  MLflow store  : {redact_uri(result.tracking_uri)}")
     console.print(f"  open it with  : progan ui --root {result.run_dir.parent}")
     return 0
 
@@ -115,7 +120,27 @@ def resume(args: argparse.Namespace) -> int:
         if args.address:
             raw["ray_address"] = args.address
         cfg = validate_config(raw)
+        refuse_masked_uris(cfg)
     except ValueError as err:
         console.print(f"[red]config error:[/] {err}", highlight=False)
         return 2
     return run_config(cfg, run_dir.name, False, console)
+
+
+def refuse_masked_uris(cfg) -> None:
+    """A saved URI whose password was masked (pipeline.tracking.secrets) cannot be used as
+    is; the tracking URI gets it back from $MLFLOW_TRACKING_URI, storage and data cannot."""
+    from pipeline.config import ConfigError
+    from pipeline.tracking.secrets import MASK
+
+    for key, value in (
+        ("run.storage_path", cfg.run.storage_path),
+        ("data.dataset", cfg.data.dataset),
+        ("data.source", cfg.data.source),
+    ):
+        if value and MASK in str(value):
+            raise ConfigError(
+                f"{key}: the run was started with a password in this URI, which is never "
+                "stored; give the store its credentials through its own environment "
+                "variables (e.g. AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) and a URI without"
+            )

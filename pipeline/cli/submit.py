@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shlex
 import tempfile
 from pathlib import Path
 
@@ -62,7 +63,8 @@ def submit(args: argparse.Namespace) -> int:
 
     from pipeline.config import ConfigError, load_config
     from pipeline.driver.ray_session import RAY_ENV, project_modules
-    from pipeline.driver.run_dir import new_run_id
+    from pipeline.driver.run_dir import check_run_id, new_run_id
+    from pipeline.tracking.secrets import redact_uri, runtime_env_vars
     from pipeline.tracking.tracker import mlflow_settings
 
     try:
@@ -70,15 +72,21 @@ def submit(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"config error: {err}")
         return 2
-    run_id = args.run_id or new_run_id()
+    try:
+        run_id = check_run_id(args.run_id) if args.run_id else new_run_id()
+    except ConfigError as err:
+        print(f"config error: {err}")
+        return 2
     job_dir = Path(tempfile.mkdtemp(prefix="progan-job-"))
     raw = cfg.model_dump(mode="json")
-    (job_dir / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    (job_dir / "config.yaml").write_text(redact_uri(yaml.safe_dump(raw, sort_keys=False)))
     modules = project_modules()
-    # MLflow's settings here (tracking URI, auth variables) are the job's too
-    env = {**RAY_ENV, **mlflow_settings()}
+    # MLflow's settings here (tracking URI, auth variables) are the job's too; a secret as
+    # a `${NAME}` reference that the head node's Ray expands (tracking.secrets)
+    env = runtime_env_vars({**RAY_ENV, **mlflow_settings()})
+    command = [args.python, "-m", "pipeline.cli", "run", "config.yaml", "--run-id", run_id]
     job_id = client(args.address).submit_job(
-        entrypoint=f"{args.python} -m pipeline.cli run config.yaml --run-id {run_id}",
+        entrypoint=shlex.join(command),
         # a job id is used once: a resubmission of the same run id (which resumes it) gets
         # its own, the first one keeps the plain name
         submission_id=submission_id(args.address, run_id),

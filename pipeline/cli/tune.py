@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
 
     from pipeline.config import ConfigError
     from pipeline.search import sweep as tune
+    from pipeline.tracking.secrets import redact_uri
 
     console = Console(soft_wrap=True)
     try:
@@ -68,5 +69,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         console.print("  no trial reported the metric: no best config")
     console.print(f"  summary       : {result.sweep_dir / 'summary.md'}")
-    console.print(f"  MLflow store  : {result.tracking_uri} (sweep run {result.mlflow_run_id})")
+    uri = redact_uri(result.tracking_uri)
+    console.print(f"  MLflow store  : {uri} (sweep run {result.mlflow_run_id})")
     return 0

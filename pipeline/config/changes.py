@@ -7,6 +7,7 @@ trained. Anything else must match the config the run was started with.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from pydantic import BaseModel
 
 from pipeline.config.loading import absolute_paths, load_config_dict, validate_config
 from pipeline.config.sections import PipelineConfig
+from pipeline.tracking.secrets import redact_uri
 
 
 def resumable_keys(model: type[BaseModel], prefix: str = "") -> tuple[str, ...]:
@@ -54,7 +56,8 @@ def changed_since(config_path: Path, cfg: PipelineConfig, base: Path | None = No
     """
     saved = absolute_paths(load_config_dict(config_path), base)
     old: dict[str, Any] = validate_config(saved).model_dump(mode="json")
-    new = absolute_paths(cfg.model_dump(mode="json"))
+    # the saved config holds URIs with their password masked: compare them masked
+    new = json.loads(redact_uri(json.dumps(absolute_paths(cfg.model_dump(mode="json")))))
     return [
         k
         for k in config_differences(old, new)

@@ -15,8 +15,9 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from pipeline.config.sections import BUILTIN_SAMPLE_FACES, PipelineConfig
+from pipeline.tracking.secrets import redact_uri
 from preprocessing.config import ConfigError
-from preprocessing.lmdb_records import atomic_file
+from progan.files import atomic_file
 
 # Config keys that hold filesystem paths (a URI, or the built-in sample, is left as it is).
 PATH_KEYS = (
@@ -160,12 +161,14 @@ def load_config(
 
 
 def config_yaml(cfg: PipelineConfig) -> str:
-    """The resolved config as YAML that `load_config` accepts as is."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The resolved config as YAML that `load_config` accepts as is; a password inside a URI
+    is written as `***` (pipeline.tracking.secrets: it comes back from the environment)."""
+    return redact_uri(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
 def dump_config(cfg: PipelineConfig, path: str | os.PathLike) -> Path:
-    """Write the resolved config as YAML, atomically (a kill mid-write leaves the old one)."""
+    """Write the resolved config as YAML (`config_yaml`), atomically (a kill mid-write leaves
+    the old one)."""
     with atomic_file(path, fsync=True) as f:
         f.write(config_yaml(cfg).encode())
     return Path(path)

@@ -197,6 +197,13 @@ class TrackingSection(StrictModel):
         description="MLflow system metrics sampling on phase runs (0: off)",
         json_schema_extra=RESUMABLE,
     )
+    outage_wait_s: float = Field(
+        900.0,
+        ge=0,
+        description="how long the driver waits out an MLflow server that stopped answering "
+        "(a restart) before the run fails, resumable; workers never stop for it",
+        json_schema_extra=RESUMABLE,
+    )
 
 
 class EvalSection(StrictModel):

@@ -13,12 +13,13 @@ from rich.console import Console
 from pipeline.config import PipelineConfig
 from pipeline.driver.run_dir import GENERATOR_FILE, STATE_FILE
 from pipeline.driver.state import RunState
-from pipeline.driver.storage import checkpoint_uri, fetch_file
+from pipeline.driver.storage import checkpoint_uri, fetch_file, recover_unreadable_snapshot
 from pipeline.phases.checkpoints import GENERATOR_FILE as CHECKPOINT_GENERATOR
 from pipeline.phases.checkpoints import STATE_FILE as CHECKPOINT_STATE
 from pipeline.phases.mailbox import Mailbox
 from pipeline.phases.ray_train import WorkerFn, fit_phase
 from pipeline.phases.session import PhaseJob, TrackingIds
+from pipeline.tracking.secrets import redact_uri
 from pipeline.tracking.tracker import Tracker
 from progan.schedule import Phase
 
@@ -69,8 +70,10 @@ class PhaseDriver:
         state.save(self.run_dir / STATE_FILE)
         console.print(f"phase {phase.name}: {phase.num_images} images, batch {phase.batch_size}")
         assert state.parent_run_id is not None
-        job.tracking = TrackingIds(tracker.uri, state.parent_run_id, ps.child_run_id)
+        # the URI without its password (a worker's environment has it: tracking.secrets)
+        job.tracking = TrackingIds(redact_uri(tracker.uri), state.parent_run_id, ps.child_run_id)
         job.mailbox = self.mailbox.handle
+        self.recover_snapshot(job, storage, ps.ray_name)
         started = time.perf_counter()
         try:
             result = fit_phase(job, storage, ps.ray_name, env, worker_fn)
@@ -88,14 +91,13 @@ class PhaseDriver:
         tracker.log_metrics(
             ps.child_run_id, {"phase_wall_s": wall, "ray_overhead_s": overhead}, phase.end_images
         )
-        evaluation = {k: float(v) for k, v in result.metrics.get("eval", {}).items()}
-        ps.evaluation = evaluation
+        evaluation = ps.evaluation  # from the mailbox: it ran after the final report
         if evaluation:  # the parent run gets each phase's numbers too: one curve per metric
             tracker.log_metrics(state.parent_run_id, evaluation, phase.end_images)
         if self.cfg.tracking.log_checkpoints:
             with result.checkpoint.as_directory() as d:
                 tracker.log_artifact(ps.child_run_id, Path(d) / CHECKPOINT_STATE, "checkpoint")
-        tracker.client.set_tag(ps.child_run_id, "checkpoint", ps.checkpoint)
+        tracker.client.set_tag(ps.child_run_id, "checkpoint", redact_uri(ps.checkpoint))
         tracker.finish(ps.child_run_id)
         ps.done = True
         state.save(self.run_dir / STATE_FILE)
@@ -110,6 +112,20 @@ class PhaseDriver:
             "ray_overhead_s": round(overhead, 1),
             **evaluation,
         }
+
+    def recover_snapshot(self, job: PhaseJob, storage: str, ray_name: str) -> None:
+        """Ray's record of the phase's checkpoints unreadable: continue from the newest
+        checkpoint in storage that loads (pipeline.driver.storage), and say so."""
+        recovered = recover_unreadable_snapshot(storage, ray_name)
+        if recovered is None:
+            return
+        aside, checkpoint = recovered
+        job.resume_checkpoint = checkpoint
+        where = checkpoint.rsplit("/", 1)[-1] if checkpoint else "the phase's start"
+        self.console.print(
+            f"[yellow]phase {job.phase.name}: Ray's checkpoint list was unreadable (kept as "
+            f"{redact_uri(aside)}); continuing from {where}[/]"
+        )
 
     def read_mailbox(self, phase: Phase) -> None:
         """Record worker starts, show tracking trouble, fail on a non-finite loss."""
@@ -133,12 +149,30 @@ class PhaseDriver:
                 self.recover_tracking(phase, m)
             elif kind == "nonfinite":
                 nonfinite = m["message"]
+            elif kind == "evaluated":
+                ps.evaluation = {k: float(v) for k, v in m["metrics"].items()}
+                ps.evaluation_error = None
+            elif kind == "evaluation-failed":
+                self.evaluation_failed(phase, m["error"])
         self.state.save(self.run_dir / STATE_FILE)
         if ps.starts and ps.child_run_id:
             starts = ", ".join(f"{s['origin']}@{s['images']}" for s in ps.starts)
             self.safe(lambda: self.tracker.client.set_tag(ps.child_run_id, "starts", starts))
         if nonfinite:
             raise PhaseFailedError(f"phase {phase.name}: {nonfinite}")
+
+    def evaluation_failed(self, phase: Phase, error: str) -> None:
+        """The end-of-phase evaluation raised: the phase is trained all the same; the error
+        goes on its run and the parent run as `eval.error`, and one line to the console."""
+        ps = self.state.phase(phase.index)
+        ps.evaluation, ps.evaluation_error = {}, error
+        self.console.print(
+            f"[yellow]phase {phase.name}: evaluation failed ({error[:300]}); the phase is "
+            "trained, its metrics are missing (`progan evaluate` scores its generator)[/]"
+        )
+        for run in (ps.child_run_id, self.state.parent_run_id):
+            if run:
+                self.safe(lambda run=run: self.tracker.client.set_tag(run, "eval.error", error))
 
     def recover_tracking(self, phase: Phase, m: dict[str, Any]) -> None:
         """Rank 0 could not deliver everything: log it from here, else keep it beside the

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import os
 import secrets
 import socket
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 import ray
 
 from pipeline.config import ConfigError
+from pipeline.tracking.secrets import redact_uri, with_credentials
 
 PACKAGES = ("torch", "ray", "mlflow", "progan-pipeline")
 PREFLIGHT_DIR = ".preflight"
@@ -118,8 +120,42 @@ def check_tracking(uri: str) -> str | None:
             MlflowClient(uri).search_experiments(max_results=1)
     except Exception as err:
         return (
-            f"tracking.uri: the MLflow server {uri} does not answer here "
+            f"tracking.uri: the MLflow server {redact_uri(uri)} does not answer here "
             f"({type(err).__name__}): start it on an address every node reaches"
+        )
+    return None
+
+
+def check_gpus(gpus_per_worker: float) -> str | None:
+    """None if this node has the GPUs a worker asks for, and NCCL for DDP between them."""
+    if gpus_per_worker <= 0:
+        return None
+    import torch
+    import torch.distributed as dist
+
+    if not torch.cuda.is_available():
+        return "scaling.use_gpu: torch sees no CUDA GPU here (driver, CUDA build of torch?)"
+    if torch.cuda.device_count() < gpus_per_worker:
+        return (
+            f"a worker asks for {gpus_per_worker:g} GPU(s); torch sees {torch.cuda.device_count()}"
+        )
+    if not dist.is_nccl_available():
+        return "this torch has no NCCL, which DDP on GPUs uses"
+    return None
+
+
+def check_temp_space(need_bytes: int) -> str | None:
+    """None if the worker's temp folder (where a checkpoint is written before Ray copies it
+    to storage) has room for one checkpoint."""
+    import shutil
+    import tempfile
+
+    folder = tempfile.gettempdir()
+    free = shutil.disk_usage(folder).free
+    if free < need_bytes:
+        return (
+            f"{folder} has {free / 2**20:.0f} MiB free; a checkpoint is written there first "
+            f"and needs about {need_bytes / 2**20:.0f} MiB (set TMPDIR to a larger disk)"
         )
     return None
 
@@ -137,10 +173,19 @@ def check_node(request: dict[str, Any]) -> dict[str, Any]:
                 "driver): install the same versions on every node (or submit with "
                 "`progan submit`, which ships the project)"
             )
+    for name in request["secrets"]:  # Ray expanded their ${NAME} from this node's env
+        if not os.environ.get(name):
+            problems.append(
+                f"{name} is set for the driver but not in this node's environment, where "
+                "Ray takes secrets from: start this node's Ray (`ray start`) with it set "
+                "(docs/using.md, 'Secrets')"
+            )
     for problem in (
         check_dataset(request["dataset"], request["resolutions"]),
         check_storage(request["probe"], request["token"]),
-        check_tracking(request["tracking_uri"]),
+        check_tracking(with_credentials(request["tracking_uri"])),
+        check_gpus(request["gpus_per_worker"]),
+        check_temp_space(request["checkpoint_bytes"]),
     ):
         if problem:
             problems.append(problem)
@@ -170,6 +215,7 @@ def run_preflight(
     storage: str,
     tracking_uri: str,
     env_vars: dict[str, str],
+    checkpoint_bytes: int = 0,
 ) -> list[str]:
     """Check every candidate node; raise PreflightError naming the first problem.
 
@@ -198,12 +244,16 @@ def run_preflight(
         "resolutions": resolutions,
         "probe": probe,
         "token": token,
-        "tracking_uri": tracking_uri,
+        "tracking_uri": redact_uri(tracking_uri),  # a task's arguments are recorded
+        "secrets": [k for k, v in env_vars.items() if v == f"${{{k}}}"],
+        "gpus_per_worker": float(worker_resources.get("GPU", 0)),
+        "checkpoint_bytes": checkpoint_bytes,
     }
     refs = {
         check_node.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False),
             runtime_env={"env_vars": env_vars},
+            num_gpus=request["gpus_per_worker"],  # Ray hides the GPUs a task does not ask for
         ).remote(request): node
         for node in nodes
     }

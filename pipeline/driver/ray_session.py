@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import ConfigError, PipelineConfig
+from pipeline.tracking.secrets import runtime_env_vars
 from pipeline.tracking.tracker import is_local_store, local_store_refusal, tracking_env
 from preprocessing.runners import ensure_ray
 
@@ -41,14 +42,16 @@ def start_ray(address: str | None) -> None:
 
 
 def worker_env(uri: str) -> dict[str, str]:
-    """Environment of every training worker and preflight task: Ray's settings and MLflow's
-    (tracking URI, auth variables), through the runtime env, whatever node they run on."""
-    return {**RAY_ENV, **tracking_env(uri)}
+    """Environment of every training worker and preflight task, for their runtime env: Ray's
+    settings and MLflow's (tracking URI, auth variables), each secret as a `${NAME}`
+    reference that Ray expands from the node's own environment (tracking.secrets)."""
+    return runtime_env_vars({**RAY_ENV, **tracking_env(uri)})
 
 
 def check_cluster(cfg: PipelineConfig, uri: str, storage: str, env: dict[str, str]) -> None:
     """Refuse a node-local MLflow store where workers may run elsewhere; then preflight."""
     from pipeline.driver.preflight import run_preflight, workers_may_run_elsewhere
+    from pipeline.driver.storage import checkpoint_bytes
 
     if is_local_store(uri) and workers_may_run_elsewhere(cfg.scaling.worker_resources):
         raise ConfigError(local_store_refusal(uri))
@@ -59,4 +62,5 @@ def check_cluster(cfg: PipelineConfig, uri: str, storage: str, env: dict[str, st
         storage,
         uri,
         env,
+        checkpoint_bytes(cfg),
     )

@@ -12,6 +12,7 @@ the workers is pipeline.phases (the Ray Train host).
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from typing import Any
 
 from rich.console import Console
 
-from pipeline.config import PipelineConfig
+from pipeline.config import ConfigError, PipelineConfig
 from pipeline.dataset import ensure_dataset
 from pipeline.driver.phase_driver import PhaseDriver, PhaseFailedError
 from pipeline.driver.ray_session import check_cluster, start_ray, worker_env
@@ -33,11 +34,17 @@ from pipeline.driver.run_dir import (
     phase_table_markdown,
     run_dir_of,
 )
-from pipeline.driver.state import RunLock
-from pipeline.driver.storage import check_free_space, storage_root
+from pipeline.driver.state import RunLock, RunState
+from pipeline.driver.storage import (
+    check_free_space,
+    claim_storage,
+    storage_root,
+    with_storage_credentials,
+)
 from pipeline.phases.ray_train import WorkerFn
 from pipeline.phases.session import PhaseJob
-from pipeline.tracking.tracker import Tracker, flatten, resolve_uri
+from pipeline.tracking.secrets import export_secrets, redact_uri
+from pipeline.tracking.tracker import Tracker, flatten, resolve_uri, tracking_env
 from progan.schedule import Phase
 
 __all__ = ["PhaseFailedError", "RunResult", "run_pipeline"]
@@ -117,17 +124,30 @@ def _run_locked(
         ]
         uri = state.tracking_uri or ""
         return RunResult(run_id, run_dir, generator, uri, state.parent_run_id or "", rows)
-    start_ray(cfg.ray_address)  # first: a prepare from data.source runs on this Ray too
-    ensure_dataset(cfg, console)
     uri = resolve_uri(cfg.tracking.uri, cfg.run.root)
+    export_secrets(tracking_env(uri))  # a Ray started here expands their ${NAME} references
+    start_ray(cfg.ray_address)  # before the data: a prepare from data.source runs on this Ray
+    ensure_dataset(cfg, console)
+    check_same_dataset(cfg, state)
     storage = storage_root(cfg, run_dir)
+    if cfg.run.storage_path is not None:  # a storage other runs may share
+        if state.storage_claim is None:
+            state.storage_claim = secrets.token_hex(8)
+            state.save(run_dir / STATE_FILE)  # before the marker: a kill between keeps both
+        claim_storage(storage, run_id, state.storage_claim, run_dir)
     env = worker_env(uri)
     if preflight:
         started = time.perf_counter()
         check_cluster(cfg, uri, storage, env)
         console.print(f"preflight: nodes ok ({time.perf_counter() - started:.1f} s)")
-    tracker = Tracker(uri, cfg.tracking.experiment, Path(cfg.run.root) / "mlartifacts")
-    state.tracking_uri = uri
+    tracker = Tracker(
+        uri,
+        cfg.tracking.experiment,
+        Path(cfg.run.root) / "mlartifacts",
+        outage_wait_s=cfg.tracking.outage_wait_s,
+        say=lambda text: console.print(f"[yellow]{text}[/]", highlight=False),
+    )
+    state.tracking_uri = redact_uri(uri)
     if state.parent_run_id is None:
         tags = {"run_id": run_id, "run_dir": str(run_dir), "storage": storage, **(run_tags or {})}
         state.parent_run_id = tracker.start_run(run_id, tags, parent_id=parent_run_id)
@@ -136,7 +156,10 @@ def _run_locked(
     else:
         tracker.reopen(state.parent_run_id)
     state.save(run_dir / STATE_FILE)
-    console.print(f"run [bold]{run_id}[/] in {run_dir}; storage {storage}; MLflow: {uri}")
+    console.print(
+        f"run [bold]{run_id}[/] in {run_dir}; storage {redact_uri(storage)}; "
+        f"MLflow: {redact_uri(uri)}"
+    )
 
     mailbox = Mailbox()
     driver = PhaseDriver(cfg, run_dir, state, tracker, mailbox, console)
@@ -148,7 +171,7 @@ def _run_locked(
             ps = state.phase(phase.index)
             if ps.done:
                 console.print(f"phase {phase.name}: done earlier, skipped")
-                previous = ps.checkpoint
+                previous = with_storage_credentials(ps.checkpoint or "", storage) or None
                 rows.append({"phase": phase.name, "status": "skipped (done earlier)"})
                 rows[-1].update(ps.evaluation)
                 continue
@@ -163,8 +186,9 @@ def _run_locked(
         # stopped (Ctrl-C, SIGTERM, a Tune scheduler's sys.exit) vs broken
         status = "KILLED" if isinstance(err, KeyboardInterrupt | SystemExit) else "FAILED"
         for run in (ps.child_run_id if ps and not ps.done else None, state.parent_run_id):
-            if run:
-                tracker.finish(run, status)
+            problem = tracker.try_finish(run, status) if run else None
+            if problem:
+                console.print(f"[yellow]MLflow: run {run} not marked {status} ({problem})[/]")
         raise
     finally:
         mailbox.close()
@@ -173,9 +197,24 @@ def _run_locked(
     table.write_text(phase_table_markdown(plan, rows))
     tracker.log_artifact(state.parent_run_id, table)
     tracker.log_table(state.parent_run_id, rows, "phases.json")
-    tracker.client.set_tag(state.parent_run_id, "checkpoint", previous)
+    tracker.client.set_tag(state.parent_run_id, "checkpoint", redact_uri(str(previous)))
     publish_generator(cfg, tracker, state, generator, console)  # the registered model
     tracker.finish(state.parent_run_id)
     state.finished = True
     state.save(run_dir / STATE_FILE)
     return RunResult(run_id, run_dir, generator, uri, state.parent_run_id, rows)
+
+
+def check_same_dataset(cfg: PipelineConfig, state: RunState) -> None:
+    """Refuse to continue a run on a dataset prepared again since it started (another
+    source or options in the same folder): its phases would mix two datasets."""
+    from preprocessing.lmdb_store import read_manifest
+
+    fingerprint = str(read_manifest(cfg.data.dataset).get("fingerprint"))
+    if state.dataset_fingerprint not in (None, fingerprint):
+        raise ConfigError(
+            f"data.dataset: {cfg.data.dataset} was prepared again since run {state.run_id} "
+            f"started (fingerprint {state.dataset_fingerprint} then, {fingerprint} now); "
+            "continuing would mix two datasets: start a new --run-id"
+        )
+    state.dataset_fingerprint = fingerprint

@@ -7,6 +7,7 @@ paths, state.json, .lock, phases.md, generator.pt), nothing a worker reads.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import time
 from pathlib import Path
@@ -35,9 +36,22 @@ def new_run_id() -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def check_run_id(run_id: str) -> str:
+    """`run_id` if it can name a folder under run.root, Ray runs and a job; else ConfigError."""
+    if not RUN_ID.fullmatch(run_id) or ".." in run_id:
+        raise ConfigError(
+            f"--run-id {run_id!r}: use 1-100 letters, digits, '.', '_' or '-', starting with a "
+            "letter or digit (it names a folder under run.root, Ray runs and a Ray job)"
+        )
+    return run_id
+
+
 def run_dir_of(cfg: PipelineConfig, run_id: str) -> Path:
-    """`<run.root>/<run id>` as an absolute path."""
-    return Path(os.path.normpath(Path(cfg.run.root).absolute() / run_id))
+    """`<run.root>/<run id>` as an absolute path (the id checked first)."""
+    return Path(os.path.normpath(Path(cfg.run.root).absolute() / check_run_id(run_id)))
 
 
 def origin_of(run_dir: Path) -> Path:

@@ -9,63 +9,35 @@ run that one is driving.
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
-import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import ConfigError
+from pipeline.tracking.secrets import redact_uri
 from preprocessing.lmdb_store import write_json_atomic
+from progan.files import FolderLock
 
-LOCK_FILE = ".lock"
+LOCK_FILE = FolderLock.NAME
 
 
 class RunLockedError(ConfigError):
     """Another process is driving this run."""
 
 
-class RunLock:
-    """An exclusive lock on a run directory, held while a driver runs it.
-
-    `flock` on `<run dir>/.lock`: released by the kernel when the process dies, however it
-    dies, so a killed run never leaves a stale lock behind.
-    """
+class RunLock(FolderLock):
+    """An exclusive lock on a run directory, held while a driver runs it
+    (progan.files.FolderLock: a killed run never leaves a stale lock behind)."""
 
     def __init__(self, run_dir: Path) -> None:
-        self.path = run_dir / LOCK_FILE
-        self.fd: int | None = None
+        super().__init__(run_dir, RunLockedError)
 
-    def acquire(self) -> RunLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise RunLockedError(
-                f"run {self.path.parent.name} is being run by {holder}; wait for it to end "
-                "or stop it, then `progan resume` it"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
-        self.fd = fd
-        return self
-
-    def release(self) -> None:
-        if self.fd is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
-
-    def __enter__(self) -> RunLock:
-        return self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+    def message(self, holder: str) -> str:
+        return (
+            f"run {self.path.parent.name} is being run by {holder}; wait for it to end "
+            "or stop it, then `progan resume` it"
+        )
 
 
 @dataclass
@@ -77,6 +49,7 @@ class PhaseState:
     done: bool = False
     checkpoint: str | None = None  # the final checkpoint's URI (or path) in storage
     evaluation: dict[str, float] = field(default_factory=dict)  # end-of-phase metrics
+    evaluation_error: str | None = None  # the end-of-phase evaluation raised this
     # one entry per worker-group start: {"origin": scratch | previous-phase | ray-checkpoint,
     # "images": images shown restored}
     starts: list[dict[str, Any]] = field(default_factory=list)
@@ -90,6 +63,8 @@ class RunState:
     parent_run_id: str | None = None
     tracking_uri: str | None = None
     finished: bool = False
+    storage_claim: str | None = None  # this run's token in its storage (driver.storage)
+    dataset_fingerprint: str | None = None  # the manifest's, when the run started
     phases: dict[str, PhaseState] = field(default_factory=dict)
 
     def phase(self, index: int) -> PhaseState:
@@ -102,4 +77,5 @@ class RunState:
         return cls(**raw, phases=phases)
 
     def save(self, path: Path) -> None:
-        write_json_atomic(path, asdict(self), indent=2)
+        """Write atomically; a password inside a URI (storage, tracking) is not written."""
+        write_json_atomic(path, json.loads(redact_uri(json.dumps(asdict(self)))), indent=2)

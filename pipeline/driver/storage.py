@@ -11,14 +11,19 @@ driver's disk. The driver's run directory holds only what the driver and the use
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import PipelineConfig, is_uri
+from pipeline.config import ConfigError, PipelineConfig, is_uri
+from pipeline.phases.checkpoints import PREFIX
+from pipeline.tracking.secrets import redact_uri
 
 
-class StorageError(RuntimeError):
+class StorageError(ConfigError):
     """Storage is unusable (full, unwritable, unreadable), in one line."""
 
 
@@ -33,6 +38,13 @@ def storage_root(cfg: PipelineConfig, run_dir: Path) -> str:
 def checkpoint_uri(storage: str, ray_name: str, checkpoint_path: str) -> str:
     """The storage URI (or path) of a checkpoint of the Ray run `ray_name`."""
     return f"{storage.rstrip('/')}/{ray_name}/{Path(checkpoint_path).name}"
+
+
+def with_storage_credentials(uri: str, storage: str) -> str:
+    """A checkpoint URI read back from state.json (its storage password redacted there)
+    under this run's `storage`, with the password back."""
+    masked = redact_uri(storage).rstrip("/")
+    return storage.rstrip("/") + uri[len(masked) :] if uri.startswith(masked) else uri
 
 
 def filesystem(uri: str) -> tuple[Any, str]:
@@ -54,7 +66,7 @@ def write_text(uri: str, text: str) -> None:
 
 def fetch_file(uri: str, target: Path) -> Path:
     """Copy one file from storage (a path or URI) to `target`, atomically."""
-    from preprocessing.lmdb_records import atomic_file
+    from progan.files import atomic_file
 
     fs, path = filesystem(uri)
     with fs.open_input_stream(path) as source, atomic_file(target) as f:
@@ -126,3 +138,87 @@ def check_free_space(cfg: PipelineConfig, storage: str) -> None:
             f"{need / 2**20:.0f} MiB for {cfg.run.keep_checkpoints + 1} checkpoints: free "
             "space, point run.storage_path elsewhere, or lower run.keep_checkpoints"
         )
+
+
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train V2's list of a run's checkpoints
+
+
+def snapshot_is_readable(text: str) -> bool:
+    """Whether Ray Train could load this snapshot (JSON with its checkpoint list)."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(data, dict) and isinstance(data.get("checkpoint_results"), list)
+
+
+def checkpoint_dirs(storage: str, ray_name: str) -> list[str]:
+    """URIs (or paths) of the Ray run's checkpoint directories, most images first."""
+    import pyarrow.fs
+
+    fs, base = filesystem(f"{storage.rstrip('/')}/{ray_name}")
+    try:
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(base))
+    except (FileNotFoundError, OSError):
+        return []
+    names = sorted(
+        (i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory),
+        reverse=True,
+    )
+    return [f"{storage.rstrip('/')}/{ray_name}/{n}" for n in names if n.startswith(PREFIX)]
+
+
+def recover_unreadable_snapshot(storage: str, ray_name: str) -> tuple[str, str | None] | None:
+    """If the Ray run's snapshot is unreadable (a kill or a full disk mid-write: Ray writes
+    it in place, and then refuses every later fit of the run), move it aside and find the
+    newest checkpoint that loads. Returns (where the snapshot went, that checkpoint or
+    None); None if the snapshot is fine or absent."""
+    from pipeline.phases.checkpoints import load_training_state
+
+    fs, path = filesystem(f"{storage.rstrip('/')}/{ray_name}/{SNAPSHOT_FILE}")
+    try:
+        with fs.open_input_stream(path) as f:
+            text = f.read().decode("utf-8", "replace")
+    except (FileNotFoundError, OSError):
+        return None
+    if snapshot_is_readable(text):
+        return None
+    aside = f"{path}.unreadable-{int(time.time())}"
+    fs.move(path, aside)
+    for candidate in checkpoint_dirs(storage, ray_name):
+        try:
+            load_training_state(candidate)
+        except Exception:  # an upload cut short: try the one before
+            continue
+        return aside, candidate
+    return aside, None
+
+
+OWNERS_DIR = ".progan-runs"  # in a shared storage root: which run directory owns each run id
+
+
+def exists(uri: str) -> bool:
+    """Whether a file exists at `uri` (a path or URI)."""
+    import pyarrow.fs
+
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+
+
+def claim_storage(storage: str, run_id: str, claim: str, run_dir: Path) -> None:
+    """Refuse a run id that another run directory (another run root, another machine)
+    already trains under this storage: its Ray runs would be shared and each would delete
+    the other's checkpoints. The first start writes `<storage>/.progan-runs/<id>.json` with
+    the run's claim token (kept in its state.json); later starts must present the same."""
+    marker = f"{storage.rstrip('/')}/{OWNERS_DIR}/{run_id}.json"
+    if exists(marker):
+        owner = json.loads(read_text(marker))
+        if owner.get("claim") != claim:
+            raise StorageError(
+                f"run.storage_path: {redact_uri(storage)} already holds run {run_id} of "
+                f"{owner.get('run_dir')} (on {owner.get('host')}); use another --run-id or "
+                "run.storage_path, or `progan resume` that run directory"
+            )
+        return
+    owner = {"claim": claim, "run_dir": str(run_dir), "host": socket.gethostname()}
+    write_text(marker, json.dumps(owner))

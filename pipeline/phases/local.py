@@ -188,6 +188,19 @@ class LocalFolderSink(PhaseSink):
             note += f"  MS-SSIM {record['msssim_fake']:.3f} (real {record['msssim_real']:.3f})"
         self.say(f"{phase.name}  evaluated in {metrics['eval_seconds']:.1f} s{note}")
 
+    def evaluation_failed(self, session: PhaseSession, error: Exception) -> None:
+        self.say(
+            f"[yellow]{session.phase.name}  evaluation failed ({session.evaluation_error}); "
+            "training goes on[/]"
+        )
+
+    def evaluated_at(self, phase: Phase) -> bool:
+        """Whether metrics.jsonl has this phase's evaluation at its end."""
+        return any(
+            r["phase"] == phase.name and r["images_shown"] == phase.end_images
+            for r in read_jsonl(self.out / METRICS_FILE)
+        )
+
     def state_extras(self, session: PhaseSession) -> dict[str, Any]:
         now = session.train_seconds
         book = json.loads(json.dumps(self.book))  # a copy, with this session's time added
@@ -270,13 +283,16 @@ def train_local(
     sink.say(f"starting from {origin}{where}")
     stopped_in = cfg.plan[-1]
     for phase in cfg.plan:
+        wanted = eval_every_phase or phase is cfg.plan[-1]
         if trainer.images_shown >= phase.end_images:
+            if trainer.images_shown == phase.end_images and wanted and not sink.evaluated_at(phase):
+                # stopped during its evaluation, after the final checkpoint: evaluate only
+                PhaseSession(PhaseJob(cfg, phase.index), trainer, [sink], origin).run()
             continue
         sink.say(
             f"phase {phase.name}: {phase.num_images} images, batch {phase.batch_size}, "
             f"lr {phase.lr:g}"
         )
-        wanted = eval_every_phase or phase is cfg.plan[-1]
         job = PhaseJob(cfg, phase.index, evaluate=wanted)
         outcome = PhaseSession(job, trainer, [sink], origin).run()
         origin = "previous-phase"

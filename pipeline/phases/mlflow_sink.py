@@ -18,6 +18,7 @@ from typing import Any
 
 from pipeline.phases.session import LOGGED_STATS, PhaseSession, PhaseSink, TrackingIds
 from pipeline.tracking.metric_logger import MetricLogger
+from pipeline.tracking.secrets import with_credentials
 from pipeline.tracking.tracker import fail_fast_http
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,7 @@ def start_system_metrics(
                 sampling_interval=interval_s,
                 resume_logging=True,
                 node_id=node_id,
-                tracking_uri=uri,
+                tracking_uri=with_credentials(uri),
             )
         monitor.start()
         return monitor

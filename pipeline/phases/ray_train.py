@@ -4,11 +4,13 @@ Driver side, `fit_phase` builds the TorchTrainer (workers per resolution, DDP ba
 Ray storage, restarts, the workers' environment) for a `PhaseJob` and fits it under the
 phase's Ray run name, which makes Ray Train V2 resume it from its latest checkpoint in
 storage. Worker side, `phase_worker` restores from Ray's latest checkpoint of this phase (a
-restart after a worker failure, or a rerun after the driver died), else from the previous
+restart after a worker failure, or a rerun after the driver died), else from the checkpoint
+the driver found when Ray's record of the phase was unreadable, else from the previous
 phase's final checkpoint in storage, else from scratch, and runs the session. Workers read
 only the dataset and storage (both shared by every node) and talk to the driver only
 through Ray: `ray.train.report` (every rank, the same images shown: it is a barrier) and
-the run's mailbox (pipeline.phases.mailbox).
+the run's mailbox (pipeline.phases.mailbox), which carries the end-of-phase evaluation: it
+runs after the final report, so its metrics are not in Ray's Result.
 """
 
 from __future__ import annotations
@@ -76,12 +78,19 @@ class RayTrainSink(PhaseSink):
     def checkpoint(
         self, session: PhaseSession, directory: Path | None, report: dict[str, Any]
     ) -> None:
+        if report["final"]:  # a divergence must fail the phase, not be its final checkpoint
+            check_replicas_equal(session.trainer)
         checkpoint = ray.train.Checkpoint.from_directory(directory) if directory else None
         name = directory.name if directory else None
         metrics = {k: report[k] for k in ("images_shown", "final", "origin", "train_seconds")}
-        if "eval" in report:
-            metrics["eval"] = report["eval"]
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+
+    def evaluated(self, session: PhaseSession, metrics: dict[str, float]) -> None:
+        # after the final report, whose metrics are all Ray's Result keeps: the mailbox
+        post(self.mailbox, "evaluated", session.phase.index, metrics=metrics)
+
+    def evaluation_failed(self, session: PhaseSession, error: Exception) -> None:
+        post(self.mailbox, "evaluation-failed", session.phase.index, error=session.evaluation_error)
 
     def failed(self, session: PhaseSession, error: BaseException) -> None:
         if self.rank == 0 and isinstance(error, NonFiniteLossError):
@@ -100,7 +109,11 @@ def phase_worker(config: dict[str, Any]) -> None:
     trainer = GANTrainer(cfg.gan, device, rank, world, wrap=wrap, plan=cfg.plan)
     origin = restore_trainer(
         trainer,
-        [("ray-checkpoint", ray.train.get_checkpoint()), ("previous-phase", job.init_checkpoint)],
+        [
+            ("ray-checkpoint", ray.train.get_checkpoint()),
+            ("storage-checkpoint", job.resume_checkpoint),
+            ("previous-phase", job.init_checkpoint),
+        ],
     ).origin
     sinks: list[PhaseSink] = [RayTrainSink(job.mailbox, rank)]
     ids = job.tracking
@@ -130,7 +143,6 @@ def phase_worker(config: dict[str, Any]) -> None:
     finally:
         if monitor is not None:
             monitor.finish()
-    check_replicas_equal(trainer)
 
 
 def fit_phase(

@@ -9,9 +9,13 @@ mailbox, MLflow (pipeline.phases.mlflow_sink), Tune reports, a local folder.
 At every checkpoint point (`run.checkpoint_every_kimg`, and the phase end) rank 0 writes one
 checkpoint directory (pipeline.phases.checkpoints: state.pt, the sample grid, and at the end
 generator.pt) and hands it to the sinks, which must keep what they need before returning.
-At the phase end the session evaluates first (`eval.*`), so the final report carries the
-metrics. Every rank calls the sinks' `checkpoint` at the same images shown (Ray's report is
-a barrier); only rank 0 has a directory.
+Every rank calls the sinks' `checkpoint` at the same images shown (Ray's report is a
+barrier); only rank 0 has a directory.
+
+The end-of-phase evaluation (`eval.*`) runs after the final checkpoint is handed over, so
+nothing it does can throw the phase's training away: an error in it is told to the sinks
+(`evaluation_failed`) and the phase still ends. A session restored at its phase's end (a
+kill during the evaluation) only evaluates.
 """
 
 from __future__ import annotations
@@ -61,6 +65,8 @@ class PhaseJob:
     cfg: PipelineConfig
     phase_index: int
     init_checkpoint: str | None = None  # the previous phase's final checkpoint (a URI)
+    # this phase's latest checkpoint when Ray's own record of it was unreadable (a URI)
+    resume_checkpoint: str | None = None
     tracking: TrackingIds | None = None
     mailbox: Any = None  # pipeline.phases.mailbox handle (Ray Train only)
     evaluate: bool = True  # evaluate cfg.eval's metrics at the phase end
@@ -85,7 +91,10 @@ class PhaseSink:
         """After every step; it must not read device values (`session.request_stop`)."""
 
     def evaluated(self, session: PhaseSession, metrics: dict[str, float]) -> None:
-        """Rank 0, at the phase end (or where training stopped): eval.* metrics."""
+        """Rank 0, after the final checkpoint (or where training stopped): eval.* metrics."""
+
+    def evaluation_failed(self, session: PhaseSession, error: Exception) -> None:
+        """Rank 0: the evaluation raised; the phase ends all the same."""
 
     def state_extras(self, session: PhaseSession) -> dict[str, Any]:
         """Rank 0: host bookkeeping (plain values) to save in state.pt under "host"."""
@@ -101,8 +110,7 @@ class PhaseSink:
         self, session: PhaseSession, directory: Path | None, report: dict[str, Any]
     ) -> None:
         """Every rank at each checkpoint point; rank 0 gets the directory (deleted after
-        this returns). `report`: images_shown, final, stopped, origin, train_seconds and,
-        at the end, eval."""
+        this returns). `report`: images_shown, final, stopped, origin, train_seconds."""
 
     def finished(self, session: PhaseSession) -> None:
         """The phase trained to its end (or to a requested stop)."""
@@ -125,6 +133,7 @@ class PhaseOutcome:
     evaluation: dict[str, float]
     train_seconds: float
     eval_seconds: float
+    evaluation_error: str | None = None  # the evaluation raised this (the phase still ended)
 
 
 def loop_options(cfg: PipelineConfig) -> LoopOptions:
@@ -170,6 +179,7 @@ class PhaseSession:
         self.started = time.perf_counter()
         self.eval_seconds = 0.0
         self.evaluation: dict[str, float] = {}
+        self.evaluation_error: str | None = None
         self._stop_reason: str | None = None
         overridden = [s for s in self.sinks if type(s).step is not PhaseSink.step]
         self._step_sinks = overridden
@@ -202,23 +212,27 @@ class PhaseSession:
             )
         self.started = time.perf_counter()
         self._each("started")
-        dataset = LmdbImageDataset(self.cfg.data.dataset, phase.resolution)
+        at_end = trainer.images_shown >= phase.end_images  # restored from the final checkpoint
         stopped = False
         try:
             try:
-                run_phase(
-                    trainer,
-                    dataset,
-                    phase,
-                    loop_options(self.cfg),
-                    lambda stats: self._each("stats", stats),
-                    lambda _trainer, _stats, final: self._checkpoint(final),
-                    self._on_step if self._step_sinks else None,
-                )
+                if not at_end:
+                    dataset = LmdbImageDataset(self.cfg.data.dataset, phase.resolution)
+                    run_phase(
+                        trainer,
+                        dataset,
+                        phase,
+                        loop_options(self.cfg),
+                        lambda stats: self._each("stats", stats),
+                        lambda _trainer, _stats, final: self._checkpoint(final),
+                        self._on_step if self._step_sinks else None,
+                    )
             except StopRequested:
                 trainer.read_stats()  # a NaN/inf loss since the last log raises here
                 self._checkpoint(final=False, stopped=True)
                 stopped = True
+            if self.wants_evaluation:
+                self.evaluate_safely()
         except BaseException as err:
             self._each("failed", err)
             raise
@@ -230,6 +244,7 @@ class PhaseSession:
             self.evaluation,
             self.train_seconds,
             self.eval_seconds,
+            self.evaluation_error,
         )
 
     def _on_step(self, trainer: GANTrainer) -> None:
@@ -241,6 +256,15 @@ class PhaseSession:
     def _each(self, event: str, *args: Any) -> None:
         for sink in self.sinks:
             getattr(sink, event)(self, *args)
+
+    def evaluate_safely(self) -> None:
+        """`evaluate`, with an error told to the sinks instead of raised: the final
+        checkpoint is already handed over, and a restart would only fail the same way."""
+        try:
+            self.evaluate()
+        except Exception as err:
+            self.evaluation_error = f"{type(err).__name__}: {err}"
+            self._each("evaluation_failed", err)
 
     def evaluate(self) -> dict[str, float]:
         """cfg.eval's metrics of G_ema in this phase at the trainer's images shown (real
@@ -282,8 +306,6 @@ class PhaseSession:
             "train_seconds": self.train_seconds,
         }
         at_end = final or stopped
-        if at_end and self.wants_evaluation:
-            report["eval"] = self.evaluate()
         with tempfile.TemporaryDirectory(prefix="progan-checkpoint-") as tmp:
             directory = None
             if self.writes:

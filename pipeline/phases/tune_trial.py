@@ -32,6 +32,7 @@ from pipeline.phases.session import (
     TrackingIds,
     restore_trainer,
 )
+from pipeline.tracking.secrets import with_credentials
 from pipeline.tracking.tracker import Tracker, flatten
 from progan.device import configure_device
 from progan.schedule import Phase
@@ -97,19 +98,35 @@ class TuneSink(PhaseSink):
     def state_extras(self, session: PhaseSession) -> dict[str, Any]:
         return {"trial": {**self.book, **self._clocks(session)}}
 
+    def _result(self, session: PhaseSession, **metrics: Any) -> dict[str, Any]:
+        """A Tune result at the trainer's images shown, with the trial's clocks."""
+        shown = session.trainer.images_shown
+        result = phase_result(session.phase, shown, shown >= session.phase.end_images, **metrics)
+        result |= {k: round(v, 3) for k, v in self._clocks(session).items()}
+        result["pbt_exploits"] = len(self.book["lineage"])
+        result["start_kimg"] = self.start_kimg
+        return result
+
     def checkpoint(
         self, session: PhaseSession, directory: Path | None, report: dict[str, Any]
     ) -> None:
         import ray.tune
 
         assert directory is not None  # one process: rank 0
-        result = phase_result(
-            session.phase, report["images_shown"], report["final"], **report.get("eval", {})
-        )
-        result |= {k: round(v, 3) for k, v in self._clocks(session).items()}
-        result["pbt_exploits"] = len(self.book["lineage"])
-        result["start_kimg"] = self.start_kimg
-        ray.tune.report(result, checkpoint=ray.tune.Checkpoint.from_directory(directory))
+        checkpoint = ray.tune.Checkpoint.from_directory(directory)
+        ray.tune.report(self._result(session), checkpoint=checkpoint)
+
+    def evaluated(self, session: PhaseSession, metrics: dict[str, float]) -> None:
+        """The metrics as a second result at the same clock, without a checkpoint: the
+        schedulers decide on it (a result without the metric leaves them undecided)."""
+        import ray.tune
+
+        ray.tune.report(self._result(session, **metrics))
+
+    def evaluation_failed(self, session: PhaseSession, error: Exception) -> None:
+        import ray.tune
+
+        ray.tune.report(self._result(session, eval_error=session.evaluation_error))
 
     def finished(self, session: PhaseSession) -> None:
         self.book.update(self._clocks(session))
@@ -141,7 +158,7 @@ class InProcessTrial:
         if saved and saved["trial_id"] != trial_id:  # PBT copied another trial's state
             exploited = {"from": saved["trial_id"], TIME_ATTR: self.trainer.images_shown / 1000}
             self.book["lineage"].append({**exploited, "params": params})
-        self.uri = cfg.tracking.uri or context["tracking_uri"]
+        self.uri = with_credentials(cfg.tracking.uri or context["tracking_uri"])
         self.tracker = Tracker(self.uri, cfg.tracking.experiment, context["artifact_root"])
         self.sink = TuneSink(self.book, self.trainer.images_shown / 1000)
         self.run_id = self.open_trial_run(exploited)
@@ -213,6 +230,8 @@ class InProcessTrial:
 
         sinks = [self.sink, MlflowPhaseSink(ids, on_undelivered=undelivered)]
         job = PhaseJob(self.cfg, phase.index, tracking=ids)
-        PhaseSession(job, self.trainer, sinks, self.origin).run()
+        outcome = PhaseSession(job, self.trainer, sinks, self.origin).run()
+        if outcome.evaluation_error:
+            self.tracker.client.set_tag(child, "eval.error", outcome.evaluation_error)
         self.origin = "previous-phase"
         self.tracker.finish(child)

@@ -220,12 +220,15 @@ def build_sweep(raw: dict[str, Any], sweep_dir: Path | None = None) -> Sweep:
     if "/" in name or name in (".", ".."):
         raise ConfigError(f"name: {name!r} must be a plain directory name")
     sweep_dir = (sweep_dir or Path(base_cfg.run.root) / "tune" / name).resolve()
+    from pipeline.tracking.secrets import redact_uri
     from pipeline.tracking.tracker import resolve_uri
 
     uri = resolve_uri(base_cfg.tracking.uri, base_cfg.run.root)
     trial_raw = absolute_paths(merge(base_raw, int_keys(spec.trial)))
     trial_raw = merge(trial_raw, {"run": {"root": str(sweep_dir / "trials")}})
-    trial_raw = merge(trial_raw, {"tracking": {"uri": uri}, "ray_address": None})
+    # trials get the URI without its password (Tune records their config and context; a
+    # trial takes the password from its environment: pipeline.tracking.secrets)
+    trial_raw = merge(trial_raw, {"tracking": {"uri": redact_uri(uri)}, "ray_address": None})
     trial_cfg = validate_config(trial_raw)
 
     if not spec.search_space:

@@ -59,6 +59,7 @@ from pipeline.search.summary import (
     summary_table,
 )
 from pipeline.search.trial import run_trial
+from pipeline.tracking.secrets import redact_uri
 
 __all__ = ["SweepInterrupted", "dry_run_text", "load_sweep", "resume_sweep", "start_sweep"]
 
@@ -114,7 +115,7 @@ def make_trainable(sweep: Sweep, sweep_run_id: str):
     context = {
         "trial_raw": sweep.trial_raw,
         "metric": sweep.spec.search.metric,
-        "tracking_uri": sweep.tracking_uri,
+        "tracking_uri": redact_uri(sweep.tracking_uri),
         "artifact_root": str(Path(sweep.base_cfg.run.root) / "mlartifacts"),
         "sweep_run_id": sweep_run_id,
         "sweep_name": sweep.name,
@@ -192,6 +193,8 @@ def start_ray(sweep: Sweep, address: str | None, console: Console) -> None:
     """Ray (local or the cluster), the dataset (prepared on that Ray if needed), then the
     pipeline's cluster checks once for the sweep."""
     from pipeline.driver.ray_session import check_cluster, start_ray, worker_env
+    from pipeline.tracking.secrets import export_secrets
+    from pipeline.tracking.tracker import tracking_env
 
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", CHECKPOINT_PERIOD_S)
     # mid-phase results (checkpoints) and phases below 8x8 carry no metric: the schedulers
@@ -200,6 +203,7 @@ def start_ray(sweep: Sweep, address: str | None, console: Console) -> None:
     # every Tune checkpoint forces an experiment snapshot (CheckpointConfig.num_to_keep):
     # what makes a kill lose nothing; no warning about it on each one
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    export_secrets(tracking_env(sweep.tracking_uri))  # trials expand them from Ray's env
     start_ray(address or sweep.base_cfg.ray_address)
     prepare_data(sweep, console)
     cfg, uri = sweep.trial_cfg, sweep.tracking_uri
@@ -233,7 +237,8 @@ def start_sweep(
     tracker.log_params(sweep_run_id, sweep_params(sweep))
     spec_dump = {**sweep.spec.model_dump(), "name": sweep.name}
     (sweep.sweep_dir / SPEC_FILE).write_text(yaml.safe_dump(spec_dump, sort_keys=False))
-    info = {"name": sweep.name, "mlflow_run_id": sweep_run_id, "tracking_uri": sweep.tracking_uri}
+    uri = redact_uri(sweep.tracking_uri)
+    info = {"name": sweep.name, "mlflow_run_id": sweep_run_id, "tracking_uri": uri}
     (sweep.sweep_dir / SWEEP_FILE).write_text(json.dumps(info, indent=2))
     tracker.log_artifact(sweep_run_id, sweep.sweep_dir / SPEC_FILE)
     limit = sweep.spec.search.max_concurrent_trials

@@ -25,6 +25,7 @@ from typing import Any
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
+from pipeline.tracking.secrets import with_credentials
 from pipeline.tracking.tracker import fail_fast_http
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ class MetricLogger:
 
     def __init__(self, uri: str, runs: dict[str, str], retry_s: float = 2.0) -> None:
         self.uri, self.runs, self.retry_s = uri, dict(runs), retry_s
-        self.client = MlflowClient(tracking_uri=uri)
+        self.client = MlflowClient(tracking_uri=with_credentials(uri))
         self.metrics: deque[tuple[str, Metric]] = deque()
         self.items: deque[ImageItem | ArtifactItem] = deque()
         self.spill = Path(tempfile.mkdtemp(prefix="progan-mlflow-spill-"))

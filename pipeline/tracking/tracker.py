@@ -18,13 +18,15 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
+
+from pipeline.tracking.secrets import has_password, redact_uri, with_credentials
 
 log = logging.getLogger(__name__)
 MAX_PARAM_LENGTH = 6000
@@ -49,8 +51,10 @@ def training_view_url(base: str, experiment_id: str) -> str:
 
 
 def resolve_uri(configured: str | None, root: str | os.PathLike) -> str:
-    """Config value, else $MLFLOW_TRACKING_URI, else the embedded SQLite store."""
-    return configured or os.environ.get("MLFLOW_TRACKING_URI") or default_store(root)
+    """Config value, else $MLFLOW_TRACKING_URI, else the embedded SQLite store (a password
+    the saved config left out comes back from $MLFLOW_TRACKING_URI: tracking.secrets)."""
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or default_store(root)
+    return with_credentials(uri)
 
 
 _FAIL_FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
@@ -132,11 +136,79 @@ def git_commit() -> str:
         return "unknown"
 
 
-class Tracker:
-    """Driver-side run management: experiment, parent run, child runs, artifacts."""
+OUTAGE_SIGNS = (
+    "Connection refused",
+    "ConnectionError",
+    "Max retries exceeded",
+    "Read timed out",
+    "RemoteDisconnected",
+    "502",
+    "503",
+    "504",
+)
 
-    def __init__(self, uri: str, experiment: str, artifact_root: str | os.PathLike) -> None:
+
+def is_outage(err: BaseException) -> bool:
+    """An error that says the server is away (not that the request was wrong)."""
+    text = f"{type(err).__name__}: {err}"
+    return isinstance(err, ConnectionError | TimeoutError) or any(s in text for s in OUTAGE_SIGNS)
+
+
+class PatientClient:
+    """An MlflowClient whose calls wait out a server outage (a restart) for up to
+    `wait_s`, telling `say` once per outage; other errors are raised at once."""
+
+    def __init__(self, client: MlflowClient, wait_s: float, say: Callable[[str], None]) -> None:
+        self._client, self.wait_s, self.say = client, wait_s, say
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr) or name.startswith("_"):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            deadline, delay, told = time.monotonic() + self.wait_s, 1.0, False
+            while True:
+                try:
+                    with fail_fast_http():
+                        result = attr(*args, **kwargs)
+                    if told:
+                        self.say("MLflow server answers again; the run goes on")
+                    return result
+                except Exception as err:
+                    if not is_outage(err) or time.monotonic() + delay > deadline:
+                        raise
+                    if not told:
+                        self.say(
+                            f"MLflow server {redact_uri(self._client.tracking_uri)} does not "
+                            f"answer ({name}); waiting up to {self.wait_s:.0f} s "
+                            "(tracking.outage_wait_s) for it"
+                        )
+                        told = True
+                    time.sleep(delay)
+                    delay = min(delay * 2, 15.0)
+
+        return call
+
+
+class Tracker:
+    """Driver-side run management: experiment, parent run, child runs, artifacts.
+
+    With `outage_wait_s`, every call after the first contact waits out a server outage
+    (PatientClient); the first contact fails fast (TrackingError): a server that is down at
+    the start is a setup problem."""
+
+    def __init__(
+        self,
+        uri: str,
+        experiment: str,
+        artifact_root: str | os.PathLike,
+        outage_wait_s: float = 0.0,
+        say: Callable[[str], None] = log.warning,
+    ) -> None:
         self.uri = uri
+        if has_password(uri):  # MLflow prints run links with the URI as given: not its password
+            os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         with fail_fast_http():
             try:
                 self.client = MlflowClient(tracking_uri=uri)
@@ -154,9 +226,11 @@ class Tracker:
                         self.client.set_experiment_tag(self.experiment_id, *EXPERIMENT_KIND)
             except Exception as err:  # any failure here means "unusable"
                 raise TrackingError(
-                    f"MLflow tracking at {uri} is unreachable or unusable: "
-                    f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+                    f"MLflow tracking at {redact_uri(uri)} is unreachable or unusable: "
+                    f"{type(err).__name__}: {redact_uri(str(err).splitlines()[0][:200])}"
                 ) from err
+        if outage_wait_s > 0:
+            self.client = PatientClient(self.client, outage_wait_s, say)  # type: ignore[assignment]
 
     def start_run(self, name: str, tags: dict[str, str], parent_id: str | None = None) -> str:
         """Create a run (nested under `parent_id` if given); returns its id."""
@@ -165,7 +239,7 @@ class Tracker:
             "mlflow.source.type": "LOCAL",
             "mlflow.source.name": "progan run",
             "mlflow.source.git.commit": commit,
-            **tags,
+            **{k: redact_uri(str(v)) for k, v in tags.items()},
             "git_commit": commit,
         }
         if parent_id:
@@ -178,7 +252,8 @@ class Tracker:
         self.client.update_run(run_id, status="RUNNING")
 
     def log_params(self, run_id: str, params: dict[str, str]) -> None:
-        items = [Param(k, v) for k, v in params.items()]
+        """Params not logged yet (a resumed run keeps its first values); URIs redacted."""
+        items = [Param(k, redact_uri(str(v))) for k, v in params.items()]
         existing = self.client.get_run(run_id).data.params
         items = [p for p in items if p.key not in existing]
         for i in range(0, len(items), 100):
@@ -251,6 +326,18 @@ class Tracker:
             run_id, status=RunStatus.to_string(RunStatus.from_string(status))
         )
 
+    def try_finish(self, run_id: str, status: str) -> str | None:
+        """`finish` once, failing fast, for a run that is stopping (Ctrl-C, an error): it
+        must neither wait for the server nor replace the error that stops the run. Returns
+        what went wrong, or None."""
+        client = getattr(self.client, "_client", self.client)  # not the patient one
+        try:
+            with fail_fast_http():
+                client.set_terminated(run_id, status=status)
+        except Exception as err:
+            return f"{type(err).__name__}: {redact_uri(str(err).splitlines()[0][:160])}"
+        return None
+
 
 def dataset_input(dataset_dir: str | os.PathLike) -> DatasetInput:
     """An MLflow dataset input for a prepared dataset: its folder name, location, manifest
@@ -301,5 +388,6 @@ def mlflow_settings() -> dict[str, str]:
 
 def tracking_env(uri: str) -> dict[str, str]:
     """What MLflow needs in a worker's environment: the driver's MLflow settings, with the
-    tracking URI the run resolved."""
+    tracking URI the run resolved. It holds secrets: a runtime env gets it through
+    tracking.secrets.runtime_env_vars."""
     return {**mlflow_settings(), "MLFLOW_TRACKING_URI": uri}
