@@ -224,3 +224,23 @@ def evaluation_raises(config: dict[str, Any]) -> None:
 
     session.PhaseSession.evaluate = evaluate
     phase_worker(config)
+
+
+def diverges_at_the_end(config: dict[str, Any]) -> None:
+    """The last rank's G_ema drifts just before the phase's final checkpoint (a silent DDP
+    bug); each worker start appends a line to `starts_file`."""
+    import pipeline.phases.session as session
+
+    with Path(hooks(config)["starts_file"]).open("a") as f:
+        f.write("start\n")
+    checkpoint = session.PhaseSession._checkpoint
+
+    def drifting(self, final, stopped=False):
+        trainer = self.trainer
+        if final and trainer.rank == trainer.world_size - 1:
+            with torch.no_grad():
+                next(trainer.G_ema.parameters()).add_(1e-3)
+        return checkpoint(self, final, stopped)
+
+    session.PhaseSession._checkpoint = drifting
+    phase_worker(config)

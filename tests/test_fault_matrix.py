@@ -200,3 +200,26 @@ def test_a_dataset_too_small_to_evaluate_is_refused_before_training(tmp_path):
         result.stdout
     )
     assert not (Path(cfg.run.root) / "small" / "ray").exists()  # nothing was trained
+
+
+def test_replicas_that_differ_at_the_end_fail_the_phase_before_its_final_checkpoint(
+    local_ray, dataset, tmp_path
+):
+    cfg = tiny_pipeline_config(
+        dataset,
+        tmp_path,
+        scaling={"num_workers": 2},
+        schedule={"start_resolution": 8},
+        run={"max_failures": 1},
+    )
+    starts = tmp_path / "starts"
+    hooks = {"starts_file": str(starts)}
+    with pytest.raises(Exception, match="DDP replicas diverged"):
+        run_pipeline(cfg, "drift", test_hooks=hooks, worker_fn=faults.diverges_at_the_end)
+    assert len(starts.read_text().splitlines()) == 4  # 2 ranks, started twice, failed twice
+    state = RunState.load(Path(cfg.run.root) / "drift" / "state.json")
+    assert not state.phase(0).done
+    recorded = faults.recorded_checkpoints(
+        str(Path(cfg.run.root) / "drift" / "ray" / f"drift-00-*/{SNAPSHOT_FILE}")
+    )
+    assert recorded and "images-000000096" not in recorded  # no final checkpoint recorded
