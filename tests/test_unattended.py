@@ -58,6 +58,7 @@ def test_atomic_writes_get_the_mode_the_umask_gives_like_any_new_file(tmp_path, 
         assert (tmp_path / name).stat().st_mode & 0o777 == plain, name
 
 
+@pytest.mark.slow  # `progan` subprocesses
 def test_prepare_reruns_with_a_rejected_file_whose_name_is_not_utf8(tmp_path):
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -100,6 +101,7 @@ def test_cuda_rng_states_restore_on_a_node_with_fewer_gpus(monkeypatch):
     assert calls == [(0, 0)]
 
 
+@pytest.mark.slow  # `progan` subprocesses
 @pytest.mark.parametrize(
     ("override", "named"),
     [
@@ -116,6 +118,7 @@ def test_a_zero_batch_or_negative_lr_is_refused_naming_the_key(tmp_path, overrid
     assert named in said and "greater than 0" in said
 
 
+@pytest.mark.slow  # `progan` subprocesses
 @pytest.mark.parametrize("run_id", ["../escaped", "x;touch pwned"])
 def test_a_run_id_that_is_not_a_plain_name_is_refused_by_run_and_submit(tmp_path, run_id):
     cfg = tiny_pipeline_config(tmp_path / "none", tmp_path)
@@ -129,6 +132,7 @@ def test_a_run_id_that_is_not_a_plain_name_is_refused_by_run_and_submit(tmp_path
     assert not (tmp_path / "pwned").exists()
 
 
+@pytest.mark.slow  # `progan` subprocesses
 def test_a_second_prepare_into_the_same_output_is_refused_and_deletes_nothing(tmp_path):
     photos = tmp_path / "photos"
     photos.mkdir()
