@@ -8,13 +8,30 @@ import pkgutil
 from collections.abc import Sequence
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` says each option's default, unless there is none or its text names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        quiet = action.default in (None, False, argparse.SUPPRESS) or not action.option_strings
+        if quiet or "default" in text.lower():
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def verb_parser(**kwargs: object) -> argparse.ArgumentParser:
+    """A verb's parser: defaults shown in its --help."""
+    kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+    return argparse.ArgumentParser(**kwargs)  # type: ignore[arg-type]
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the top-level parser with every verb module of this package."""
     parser = argparse.ArgumentParser(
         prog="progan",
         description="Progressive-Growing GAN pipeline: prepare faces, train, track, use.",
     )
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=verb_parser)
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         if info.name.startswith("_"):
             continue

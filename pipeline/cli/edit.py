@@ -44,8 +44,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--n", type=positive_int, default=None, help="size of the sheet the indices refer to"
     )
-    p.add_argument("--with", dest="with_", type=parse_int_list, default=None, metavar="I,J,...")
-    p.add_argument("--without", type=parse_int_list, default=None, metavar="I,J,...")
+    p.add_argument(
+        "--with",
+        dest="with_",
+        type=parse_int_list,
+        default=None,
+        metavar="I,J,...",
+        help="sheet indices that have the attribute",
+    )
+    p.add_argument(
+        "--without",
+        type=parse_int_list,
+        default=None,
+        metavar="I,J,...",
+        help="sheet indices that lack it",
+    )
     p.add_argument(
         "--direction-from",
         type=Path,
@@ -53,14 +66,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help=".pt/.npy of latents [N, latent] (or one direction [latent]) instead of --with",
     )
-    p.add_argument("--save-direction", type=Path, default=None, metavar="FILE")
+    p.add_argument(
+        "--save-direction", type=Path, default=None, metavar="FILE", help="write it (.pt)"
+    )
     p.add_argument(
         "--targets",
         type=parse_int_list,
         default=None,
         help="sheet indices to edit (default: the first 4 not in --with/--without)",
     )
-    p.add_argument("--strengths", type=parse_float_list, default=[-2.0, -1.0, 0.0, 1.0, 2.0])
+    p.add_argument(
+        "--strengths",
+        type=parse_float_list,
+        default=[-2.0, -1.0, 0.0, 1.0, 2.0],
+        help="steps along the direction, one column each",
+    )
     # argparse takes "-2,-1,0" for an option; let this parser read such lists as values
     # (harmless if a future argparse drops the attribute: then write --strengths=-2,-1,0).
     p._negative_number_matcher = NEGATIVE_LIST

@@ -24,11 +24,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--metrics",
         default="swd,msssim",
-        help=f"comma-separated, any of {', '.join(METRIC_NAMES)} (default swd,msssim)",
+        help=f"comma-separated, any of {', '.join(METRIC_NAMES)} ",
     )
     p.add_argument("--num-images", type=positive_int, default=10_000, help="per side")
     p.add_argument("--fid-weights", default=None, help="pt_inception-2015-12-05 weights file")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the real subset and latents")
     p.add_argument("--cache", type=Path, default=None, help="real-statistics cache directory")
     p.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     p.set_defaults(func=run)

@@ -43,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Write the generator at its final level/alpha as a standalone model file.",
     )
     add_generator_args(p, sampling=False)
-    p.add_argument("--format", choices=["torchscript", "onnx"], required=True)
+    p.add_argument("--format", choices=["torchscript", "onnx"], required=True, help="file format")
     p.add_argument("--out", type=Path, required=True, help="file to write (.pt / .onnx)")
     p.add_argument("--verify-n", type=positive_int, default=8, help="latents compared after export")
     p.set_defaults(func=run)

@@ -12,7 +12,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("out", help="prepared dataset directory")
     p.add_argument("--sheet", default=None, help="PNG path (default: OUT/contact_sheet.png)")
     p.add_argument("-n", type=int, default=16, help="records per resolution")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="which records the sheet shows")
     p.set_defaults(func=run)
 
 

@@ -37,9 +37,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_generator_args(p)
     p.add_argument("--out", type=Path, required=True, help="walk.gif, walk.mp4 or a folder")
     p.add_argument("--steps", type=positive_int, default=16, help="frames per segment")
-    p.add_argument("--keyframes", type=int, default=4, help="keyframe latents, >= 2 (default 4)")
+    p.add_argument("--keyframes", type=int, default=4, help="keyframe latents, >= 2")
     p.add_argument("--fps", type=float, default=24.0, help="frames per second (GIF/MP4)")
-    p.add_argument("--method", choices=["slerp", "lerp"], default="slerp")
+    p.add_argument(
+        "--method", choices=["slerp", "lerp"], default="slerp", help="path between keyframes"
+    )
     p.set_defaults(func=run)
 
 

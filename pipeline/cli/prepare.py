@@ -5,6 +5,14 @@ from __future__ import annotations
 import argparse
 
 
+def about(option: str) -> str:
+    """The help of an option: PrepareConfig's description of the same field (one text for
+    the command line and a pipeline config's data.prepare)."""
+    from preprocessing.config import PrepareConfig
+
+    return PrepareConfig.model_fields[option].description or ""
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `prepare` subcommand."""
     p = subparsers.add_parser(
@@ -33,17 +41,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=1800.0,
         help="seconds any one wait may take (listing, actor start, no shard done, merge)",
     )
-    p.add_argument("--detector", choices=["mtcnn", "none"], default="mtcnn")
-    p.add_argument("--crop", choices=["align", "box"], default="align")
-    p.add_argument("--margin", type=float, default=0.25)
-    p.add_argument("--min-face-size", type=int, default=32, help="pixels (shorter box side)")
-    p.add_argument("--min-prob", type=float, default=0.9)
-    p.add_argument("--multi-face", action="store_true", help="one record per face found")
-    p.add_argument("--record-format", choices=["raw", "png"], default="raw")
-    p.add_argument("--max-image-pixels", type=int, default=100_000_000)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--shard-size", type=int, default=256)
-    p.add_argument("--limit", type=int, default=None, help="only the first N source files")
+    p.add_argument(
+        "--detector",
+        choices=["mtcnn", "none"],
+        default="mtcnn",
+        help=about("detector"),
+    )
+    p.add_argument(
+        "--crop",
+        choices=["align", "box"],
+        default="align",
+        help=about("crop"),
+    )
+    p.add_argument("--margin", type=float, default=0.25, help=about("margin"))
+    p.add_argument("--min-face-size", type=int, default=32, help=about("min_face_size"))
+    p.add_argument("--min-prob", type=float, default=0.9, help=about("min_prob"))
+    p.add_argument("--multi-face", action="store_true", help=about("multi_face"))
+    p.add_argument(
+        "--record-format",
+        choices=["raw", "png"],
+        default="raw",
+        help=about("record_format"),
+    )
+    p.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=100_000_000,
+        help=about("max_image_pixels"),
+    )
+    p.add_argument("--batch-size", type=int, default=32, help=about("batch_size"))
+    p.add_argument("--shard-size", type=int, default=256, help=about("shard_size"))
+    p.add_argument("--limit", type=int, default=None, help=about("limit"))
     p.add_argument("--address", default=None, help="Ray cluster address (default: local)")
     p.add_argument("--force", action="store_true", help="discard an existing/different output")
     p.set_defaults(func=run)

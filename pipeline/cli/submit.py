@@ -20,10 +20,10 @@ DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `submit`, `status` and `logs`."""
     p = subparsers.add_parser("submit", help="submit `progan run` as a Ray Job")
-    p.add_argument("config")
+    p.add_argument("config", help="pipeline config YAML (validated here first)")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     p.add_argument("--address", default=DEFAULT_ADDRESS, help="Ray dashboard/Jobs address")
-    p.add_argument("--run-id", default=None)
+    p.add_argument("--run-id", default=None, help="continue this run (default: a new id)")
     p.add_argument("--wait", action="store_true", help="follow the logs until the job ends")
     p.add_argument(
         "--python", default="python", help="interpreter on the cluster with the project's deps"
@@ -34,10 +34,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ("logs", logs, "print (or --follow) a submitted job's logs"),
     ):
         q = subparsers.add_parser(name, help=help_text)
-        q.add_argument("job_id")
-        q.add_argument("--address", default=DEFAULT_ADDRESS)
+        q.add_argument("job_id", help="what `progan submit` printed")
+        q.add_argument("--address", default=DEFAULT_ADDRESS, help="Ray dashboard/Jobs address")
         if name == "logs":
-            q.add_argument("--follow", action="store_true")
+            q.add_argument("--follow", action="store_true", help="until the job ends")
         q.set_defaults(func=func)
 
 

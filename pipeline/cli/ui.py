@@ -18,8 +18,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("ui", help="open the MLflow UI for the runs' tracking store")
     p.add_argument("--root", default="runs", help="runs root holding mlflow.db")
     p.add_argument("--uri", default=None, help="tracking URI (default: the root's SQLite)")
-    p.add_argument("--port", type=int, default=5000)
-    p.add_argument("--experiment", default="progan", help="experiment to link to (default progan)")
+    p.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1")
+    p.add_argument("--experiment", default="progan", help="experiment to link to")
     p.set_defaults(func=run)
 
 

@@ -90,7 +90,9 @@ def add_generator_args(parser: argparse.ArgumentParser, *, sampling: bool = True
         metavar="PSI",
         help="truncation trick: 1 = off (default), 0 = the average image; 0.7 is typical",
     )
-    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=32, help="images generated at once"
+    )
 
 
 def reports_errors(func: Callable[[argparse.Namespace], int]) -> Callable[..., int]:
