@@ -127,3 +127,14 @@ def test_no_file_over_400_lines_without_a_reason():
         and REASON not in "".join(path.read_text().splitlines(keepends=True)[:30])
     ]
     assert long == []
+
+
+def test_optional_tools_are_extras_not_everyones_dependencies():
+    import tomllib
+
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    core = {d.split(">")[0].split("[")[0].split("<")[0] for d in project["dependencies"]}
+    assert not core & {"onnx", "onnxscript", "onnxruntime", "av", "optuna", "scipy"}
+    extras = project["optional-dependencies"]
+    assert {"export", "video", "optuna"} <= set(extras)
+    assert "progan-pipeline[export,video,optuna]" in extras["dev"]  # the tests use them all

@@ -92,7 +92,7 @@ def require_onnx() -> None:
     if missing:
         raise ToolError(
             f"ONNX export needs {', '.join(missing)} (not installed): "
-            f"`pip install {' '.join(ONNX_PACKAGES)}`, or use --format torchscript"
+            "`pip install 'progan-pipeline[export]'`, or use --format torchscript"
         )
 
 

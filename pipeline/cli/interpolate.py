@@ -3,7 +3,7 @@
 The keyframes are images 0..K-1 of `progan generate --seed S`; the walk goes through them
 with `--steps` frames per segment and back to the first (K * steps frames in all), along
 great circles (slerp, as in the official interpolation videos) or straight lines (lerp).
-GIFs are written with Pillow; MP4 needs PyAV (`pip install av`); any other path without a
+GIFs are written with Pillow; MP4 needs PyAV (the `video` extra); any other path without a
 suffix becomes a folder of numbered PNG frames.
 """
 
@@ -80,8 +80,8 @@ def require_pyav():
         import av
     except ImportError as exc:
         raise ToolError(
-            "writing .mp4 needs PyAV, which is not installed: `pip install av`, "
-            "or write a .gif or a folder of PNG frames instead"
+            "writing .mp4 needs PyAV, which is not installed: "
+            "`pip install 'progan-pipeline[video]'`, or write a .gif or a folder of PNG frames"
         ) from exc
     return av
 

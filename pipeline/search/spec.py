@@ -365,7 +365,8 @@ def searcher_available(name: str) -> None:
 
     if importlib.util.find_spec(name) is None:
         raise ConfigError(
-            f"search.algorithm: '{name}' needs the {name} package (pip install {name}); "
+            f"search.algorithm: '{name}' needs the {name} package, an optional extra "
+            f"(pip install 'progan-pipeline[{name}]'); "
             "available without it: random, grid"
         )
 
