@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import os
 import signal
+import socket
 import subprocess
 import time
 import urllib.request
@@ -76,7 +77,8 @@ def test_prepare_reads_a_zip_in_place_and_inspect_draws_a_contact_sheet(tmp_path
     assert Image.open(tmp_path / "data" / "contact_sheet.png").size[0] > 16
 
 
-def test_ui_serves_the_runs_store_on_loopback_and_stops_on_ctrl_c(tmp_path):
+@pytest.mark.parametrize("stop", ["ctrl-c", "kill"])
+def test_ui_serves_the_runs_store_on_loopback_and_frees_its_port_when_stopped(tmp_path, stop):
     from mlflow.tracking import MlflowClient
 
     root = tmp_path / "runs"
@@ -107,9 +109,31 @@ def test_ui_serves_the_runs_store_on_loopback_and_stops_on_ctrl_c(tmp_path):
         with urllib.request.urlopen(api, timeout=10) as r:
             assert '"name": "progan"' in r.read().decode().replace('":"', '": "')
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
+        if stop == "ctrl-c":  # the terminal signals the whole foreground group
+            os.killpg(proc.pid, signal.SIGINT)
+        else:  # `kill PID` of progan alone: its server must go too
+            os.kill(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)
     assert proc.returncode in (0, -signal.SIGINT, 130)
+    deadline = time.time() + 15
+    while True:  # nothing listens on the port any more (MLflow's uvicorn worker included)
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) != 0:
+                break
+        assert time.time() < deadline, f"port {port} still served after progan ui stopped"
+        time.sleep(0.2)
+
+
+def test_ui_links_a_tracking_server_instead_of_serving_it_again(tmp_path):
+    done = subprocess.run(
+        [PROGAN, "ui", "--uri", "http://ann:s3cret@127.0.0.1:9"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "http://ann:***@127.0.0.1:9 is an MLflow tracking server with its own UI" in (
+        done.stdout
+    )
+    assert "s3cret" not in done.stdout + done.stderr
 
 
 def test_train_local_then_every_generator_tool_from_the_shell(tmp_path):

@@ -2,13 +2,18 @@
 
 One web worker and no job runner: MLflow 3 would otherwise start 4 uvicorn workers and
 several huey consumers (for GenAI jobs this project does not use), which on a small
-shared machine time out at start-up and are restarted over and over.
+shared machine time out at start-up and are restarted over and over. The server runs in
+its own process group, stopped as a whole on Ctrl-C or SIGTERM (its uvicorn worker would
+otherwise keep the port). A tracking server (an http(s) URI) has its own UI: it is linked,
+not served again.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 
@@ -38,19 +43,41 @@ def experiment_link(uri: str, experiment: str, base: str) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Start `mlflow ui` bound to 127.0.0.1 and wait for it."""
+    """Start `mlflow ui` bound to 127.0.0.1 and wait for it (see the module doc)."""
+    from pipeline.tracking.secrets import redact_uri
     from pipeline.tracking.tracker import resolve_uri
 
     uri = resolve_uri(args.uri, args.root)
+    if uri.startswith(("http://", "https://")):
+        base = redact_uri(uri).rstrip("/")
+        print(f"{base} is an MLflow tracking server with its own UI: open it there", flush=True)
+        link = experiment_link(uri, args.experiment, base)
+        if link:
+            print(f"runs of {args.experiment} (training view): {link}", flush=True)
+        return 0
     base = f"http://127.0.0.1:{args.port}"
-    print(f"MLflow UI for {uri} at {base} (Ctrl-C to stop)", flush=True)
+    print(f"MLflow UI for {redact_uri(uri)} at {base} (Ctrl-C to stop)", flush=True)
     link = experiment_link(uri, args.experiment, base)
     if link:
         print(f"runs of {args.experiment} (training view): {link}", flush=True)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri]
     cmd += ["--host", "127.0.0.1", "--port", str(args.port), "--workers", "1"]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    server = subprocess.Popen(cmd, env=env, start_new_session=True)
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     try:
-        return subprocess.call(cmd, env=env)
+        return server.wait()
     except KeyboardInterrupt:
         return 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)  # the server and its uvicorn worker
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.pid, signal.SIGKILL)
