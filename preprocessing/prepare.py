@@ -205,6 +205,9 @@ def prepare_dataset(
                 "source_fingerprint": src.fingerprint,
                 "config": config.model_dump(mode="json"),
             }
+            if gpus_per_worker or address:  # a refusal comes before anything is written
+                started_ray = ensure_ray(address, **QUIET_RAY) or started_ray
+                plan_workers(alive_node_resources(), workers, gpus_per_worker)
             stack.enter_context(OutputLock(out))  # a second prepare into `out` is refused
             previous = _check_output(out, run, src, config, force)
             if previous is not None and (out / MANIFEST).is_file():

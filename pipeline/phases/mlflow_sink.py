@@ -22,6 +22,7 @@ from pipeline.tracking.secrets import with_credentials
 from pipeline.tracking.tracker import fail_fast_http
 
 log = logging.getLogger(__name__)
+EVAL_DELIVERY_S = 30.0  # how long the end-of-phase metrics may take to reach the server
 
 
 class MlflowPhaseSink(PhaseSink):
@@ -65,6 +66,8 @@ class MlflowPhaseSink(PhaseSink):
     def evaluated(self, session: PhaseSession, metrics: dict[str, float]) -> None:
         assert self.logger is not None
         self.logger.log(metrics, session.trainer.images_shown, to=self.eval_roles)
+        # delivered now: a Tune scheduler may stop the trial at its next report
+        self.logger.wait_sent(EVAL_DELIVERY_S)
 
     def sample_grid(self, session: PhaseSession, path: Path, images_shown: int) -> None:
         assert self.logger is not None

@@ -228,7 +228,8 @@ class InProcessTrial:
         def undelivered(what: dict[str, Any]) -> None:
             self.tracker.client.set_tag(child, "tracking.incomplete", str(what.get("error")))
 
-        sinks = [self.sink, MlflowPhaseSink(ids, on_undelivered=undelivered)]
+        # MLflow first: its metrics are delivered before the report a scheduler may stop on
+        sinks = [MlflowPhaseSink(ids, on_undelivered=undelivered), self.sink]
         job = PhaseJob(self.cfg, phase.index, tracking=ids)
         outcome = PhaseSession(job, self.trainer, sinks, self.origin).run()
         if outcome.evaluation_error:

@@ -119,6 +119,15 @@ class MetricLogger:
             self.items.append(item)
         self._wake.set()
 
+    def wait_sent(self, timeout_s: float) -> bool:
+        """Wake the sender and wait until everything queued is delivered (at most
+        `timeout_s`); False if some is still queued (it stays queued)."""
+        deadline = time.monotonic() + timeout_s
+        self._wake.set()
+        while self.pending() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return not self.pending()
+
     def pending(self) -> int:
         """Metric values and files not delivered yet."""
         with self._lock:
