@@ -66,13 +66,18 @@ def dies_once(config: dict[str, Any]) -> None:
     phase_worker(config)
 
 
+def record_start(config: dict[str, Any]) -> None:
+    """Append a line to the test's `starts_file`: one per worker start."""
+    with Path(hooks(config)["starts_file"]).open("a") as f:
+        f.write("start\n")
+
+
 def nan_on_last_rank(config: dict[str, Any]) -> None:
     """The last rank's real images (so its D loss) turn NaN from `nan_at_images` images on;
     each worker start appends a line to `starts_file`."""
     import progan.trainer
 
-    with Path(hooks(config)["starts_file"]).open("a") as f:
-        f.write("start\n")
+    record_start(config)
     nan_at = hooks(config)["nan_at_images"]
     prepare = progan.trainer.GANTrainer._prepare_real
 
@@ -231,8 +236,7 @@ def diverges_at_the_end(config: dict[str, Any]) -> None:
     bug); each worker start appends a line to `starts_file`."""
     import pipeline.phases.session as session
 
-    with Path(hooks(config)["starts_file"]).open("a") as f:
-        f.write("start\n")
+    record_start(config)
     checkpoint = session.PhaseSession._checkpoint
 
     def drifting(self, final, stopped=False):

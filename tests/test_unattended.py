@@ -58,12 +58,17 @@ def test_atomic_writes_get_the_mode_the_umask_gives_like_any_new_file(tmp_path, 
         assert (tmp_path / name).stat().st_mode & 0o777 == plain, name
 
 
+def flat_photos(folder: Path, n: int) -> Path:
+    """`n` plain grey 16x16 PNGs (prepared with --detector none)."""
+    folder.mkdir()
+    for i in range(n):
+        Image.fromarray(np.full((16, 16, 3), 60 * i, np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
 @pytest.mark.slow  # `progan` subprocesses
 def test_prepare_reruns_with_a_rejected_file_whose_name_is_not_utf8(tmp_path):
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for i in range(3):
-        Image.fromarray(np.full((16, 16, 3), 60 * i, np.uint8)).save(photos / f"{i}.png")
+    photos = flat_photos(tmp_path / "photos", 3)
     bad = os.fsencode(photos) + b"/caf\xe9.jpg"  # Latin-1, as old cameras and zips write
     with open(bad, "wb") as f:
         f.write(b"not an image")
@@ -134,10 +139,7 @@ def test_a_run_id_that_is_not_a_plain_name_is_refused_by_run_and_submit(tmp_path
 
 @pytest.mark.slow  # `progan` subprocesses
 def test_a_second_prepare_into_the_same_output_is_refused_and_deletes_nothing(tmp_path):
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for i in range(2):
-        Image.fromarray(np.full((16, 16, 3), 90 * i, np.uint8)).save(photos / f"{i}.png")
+    photos = flat_photos(tmp_path / "photos", 2)
     out = tmp_path / "dataset"
     out.mkdir()
     (out / "res-4").mkdir()  # what the other prepare has written so far

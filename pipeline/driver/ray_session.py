@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import ConfigError, PipelineConfig
-from pipeline.tracking.secrets import runtime_env_vars
+from pipeline.tracking.secrets import export_secrets, runtime_env_vars
 from pipeline.tracking.tracker import is_local_store, local_store_refusal, tracking_env
 from preprocessing.runners import ensure_ray
 
@@ -27,12 +27,16 @@ def project_modules() -> list[str]:
     return [str(Path(m.__file__).parent) for m in (progan, preprocessing, pipeline)]
 
 
-def start_ray(address: str | None) -> None:
+def start_ray(address: str | None, tracking_uri: str | None = None) -> None:
     """Join `address` (or $RAY_ADDRESS), else start a local Ray, unless one is running.
 
     Joining a cluster by address ships the project's code with the job (as `progan submit`
-    does), so worker nodes run the driver's code whatever they have installed.
+    does), so worker nodes run the driver's code whatever they have installed. The MLflow
+    secrets of `tracking_uri` go into this process's environment first: a local Ray started
+    here inherits them and expands the workers' `${NAME}` references (tracking.secrets).
     """
+    if tracking_uri is not None:
+        export_secrets(tracking_env(tracking_uri))
     missing = {k: v for k, v in RAY_ENV.items() if k not in os.environ}  # a Ray Job sets them
     os.environ.update(missing)  # a local Ray started here inherits them
     runtime_env: dict[str, Any] = {"env_vars": missing} if missing else {}

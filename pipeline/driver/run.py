@@ -43,8 +43,8 @@ from pipeline.driver.storage import (
 )
 from pipeline.phases.ray_train import WorkerFn
 from pipeline.phases.session import PhaseJob
-from pipeline.tracking.secrets import export_secrets, redact_uri
-from pipeline.tracking.tracker import Tracker, flatten, resolve_uri, tracking_env
+from pipeline.tracking.secrets import redact_uri
+from pipeline.tracking.tracker import Tracker, flatten, resolve_uri
 from progan.schedule import Phase
 
 __all__ = ["PhaseFailedError", "RunResult", "run_pipeline"]
@@ -125,8 +125,7 @@ def _run_locked(
         uri = state.tracking_uri or ""
         return RunResult(run_id, run_dir, generator, uri, state.parent_run_id or "", rows)
     uri = resolve_uri(cfg.tracking.uri, cfg.run.root)
-    export_secrets(tracking_env(uri))  # a Ray started here expands their ${NAME} references
-    start_ray(cfg.ray_address)  # before the data: a prepare from data.source runs on this Ray
+    start_ray(cfg.ray_address, uri)  # before the data: a prepare from data.source runs on it
     ensure_dataset(cfg, console)
     check_same_dataset(cfg, state)
     storage = storage_root(cfg, run_dir)

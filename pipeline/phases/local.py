@@ -175,8 +175,7 @@ class LocalFolderSink(PhaseSink):
             "phase_complete": shown >= phase.end_images,
             **metrics,
         }
-        old = read_jsonl(self.out / METRICS_FILE)
-        if not any(r["phase"] == phase.name and r["images_shown"] == shown for r in old):
+        if not self.recorded(phase, shown):
             append_jsonl(self.out / METRICS_FILE, record)  # once per point, across reruns
         note = ""
         if "SWDx1e3_avg" in record:
@@ -194,10 +193,10 @@ class LocalFolderSink(PhaseSink):
             "training goes on[/]"
         )
 
-    def evaluated_at(self, phase: Phase) -> bool:
-        """Whether metrics.jsonl has this phase's evaluation at its end."""
+    def recorded(self, phase: Phase, images_shown: int) -> bool:
+        """Whether metrics.jsonl has this phase's evaluation at `images_shown`."""
         return any(
-            r["phase"] == phase.name and r["images_shown"] == phase.end_images
+            r["phase"] == phase.name and r["images_shown"] == images_shown
             for r in read_jsonl(self.out / METRICS_FILE)
         )
 
@@ -285,7 +284,11 @@ def train_local(
     for phase in cfg.plan:
         wanted = eval_every_phase or phase is cfg.plan[-1]
         if trainer.images_shown >= phase.end_images:
-            if trainer.images_shown == phase.end_images and wanted and not sink.evaluated_at(phase):
+            if (
+                trainer.images_shown == phase.end_images
+                and wanted
+                and not sink.recorded(phase, phase.end_images)
+            ):
                 # stopped during its evaluation, after the final checkpoint: evaluate only
                 PhaseSession(PhaseJob(cfg, phase.index), trainer, [sink], origin).run()
             continue

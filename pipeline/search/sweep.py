@@ -193,8 +193,6 @@ def start_ray(sweep: Sweep, address: str | None, console: Console) -> None:
     """Ray (local or the cluster), the dataset (prepared on that Ray if needed), then the
     pipeline's cluster checks once for the sweep."""
     from pipeline.driver.ray_session import check_cluster, start_ray, worker_env
-    from pipeline.tracking.secrets import export_secrets
-    from pipeline.tracking.tracker import tracking_env
 
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", CHECKPOINT_PERIOD_S)
     # mid-phase results (checkpoints) and phases below 8x8 carry no metric: the schedulers
@@ -203,8 +201,7 @@ def start_ray(sweep: Sweep, address: str | None, console: Console) -> None:
     # every Tune checkpoint forces an experiment snapshot (CheckpointConfig.num_to_keep):
     # what makes a kill lose nothing; no warning about it on each one
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    export_secrets(tracking_env(sweep.tracking_uri))  # trials expand them from Ray's env
-    start_ray(address or sweep.base_cfg.ray_address)
+    start_ray(address or sweep.base_cfg.ray_address, sweep.tracking_uri)
     prepare_data(sweep, console)
     cfg, uri = sweep.trial_cfg, sweep.tracking_uri
     sweep.sweep_dir.mkdir(parents=True, exist_ok=True)

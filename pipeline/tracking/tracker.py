@@ -26,7 +26,7 @@ from typing import Any
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 
-from pipeline.tracking.secrets import has_password, redact_uri, with_credentials
+from pipeline.tracking.secrets import has_password, redact, redact_uri, with_credentials
 
 log = logging.getLogger(__name__)
 MAX_PARAM_LENGTH = 6000
@@ -227,7 +227,7 @@ class Tracker:
             except Exception as err:  # any failure here means "unusable"
                 raise TrackingError(
                     f"MLflow tracking at {redact_uri(uri)} is unreachable or unusable: "
-                    f"{type(err).__name__}: {redact_uri(str(err).splitlines()[0][:200])}"
+                    f"{type(err).__name__}: {redact(str(err).splitlines()[0][:200])}"
                 ) from err
         if outage_wait_s > 0:
             self.client = PatientClient(self.client, outage_wait_s, say)  # type: ignore[assignment]
@@ -335,7 +335,7 @@ class Tracker:
             with fail_fast_http():
                 client.set_terminated(run_id, status=status)
         except Exception as err:
-            return f"{type(err).__name__}: {redact_uri(str(err).splitlines()[0][:160])}"
+            return f"{type(err).__name__}: {redact(str(err).splitlines()[0][:160])}"
         return None
 
 
