@@ -10,6 +10,7 @@ files. Every wait is bounded and its timeout names what is stuck.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +130,11 @@ def run_in_process(out: Path, src: Source, config: PrepareConfig, pending: list)
     return {"nodes": set(result.nodes), "timings": result.timings}
 
 
+# Called after `ensure_ray` connects this process (pipeline.run_logs routes Ray's worker
+# output into the run folder from there).
+AFTER_RAY_INIT: list[Callable[[], None]] = []
+
+
 def ensure_ray(address: str | None = None, **init: Any) -> bool:
     """The project's one way to start or join Ray: join `address` (None: $RAY_ADDRESS, else
     a new local Ray) unless this process is connected already; True if connected here.
@@ -138,6 +144,8 @@ def ensure_ray(address: str | None = None, **init: Any) -> bool:
     if ray.is_initialized():
         return False
     ray.init(address=address, **init)
+    for hook in list(AFTER_RAY_INIT):
+        hook()
     return True
 
 

@@ -7,7 +7,8 @@ KIND is where the run is killed (kill -9 of its process group): in a worker ("mi
 "evaluation", a glob of the phase's Ray snapshot that must record a checkpoint first) or in
 the driver
 ("after-final-report": after phase AT's fit returned, before its state is written;
-"config-write": half-way through writing config.yaml). "server-stop" kills nothing: before
+"config-write": half-way through writing config.yaml). "worker-raises": every worker start
+raises (AT unused). "server-stop" kills nothing: before
 phase AT starts, it writes PATH + ".stop" and waits for PATH + ".stopped" (the
 test stops the MLflow server in between, and restarts it later). The faults are hooks
 installed here, at named points, never sleeps.
@@ -32,6 +33,8 @@ def install(kind: str, at: int, path: str | None) -> None:
     group = os.getpgrp()
     if kind in ("mid-step", "checkpoint-write", "evaluation"):
         ray_train.phase_worker = faults.worker_fault(kind, at, group, path)
+    elif kind == "worker-raises":
+        ray_train.phase_worker = faults.worker_raises
     elif kind == "after-final-report":
         fetch = phase_driver.fetch_file
 

@@ -220,6 +220,11 @@ def worker_fault(kind: str, at: int, driver_group: int, recorded: str | None = N
     return faulty_worker
 
 
+def worker_raises(config: dict[str, Any]) -> None:
+    """Every worker start fails (a bug, a bad node): Ray Train gives up after max_failures."""
+    raise RuntimeError("injected worker failure")
+
+
 def evaluation_raises(config: dict[str, Any]) -> None:
     """The end-of-phase evaluation raises (a corrupt metrics cache, out of memory...)."""
     import pipeline.phases.session as session

@@ -1,4 +1,5 @@
-"""The `progan` command line: one module per verb in this package, each with `register`."""
+"""The `progan` command line: one module per verb in this package, each with `register`
+(modules without one are the verbs' helpers)."""
 
 from __future__ import annotations
 
@@ -19,9 +20,23 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
+def verbosity() -> argparse.ArgumentParser:
+    """`-v/--verbose`, accepted before the verb and after it."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,  # a verb's parser must not reset the top-level's value
+        help="also show Ray's and MLflow's own output on the console (always in the logs)",
+    )
+    return common
+
+
 def verb_parser(**kwargs: object) -> argparse.ArgumentParser:
-    """A verb's parser: defaults shown in its --help."""
+    """A verb's parser: defaults shown in its --help, -v accepted."""
     kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+    kwargs.setdefault("parents", [verbosity()])
     return argparse.ArgumentParser(**kwargs)  # type: ignore[arg-type]
 
 
@@ -30,13 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="progan",
         description="Progressive-Growing GAN pipeline: prepare faces, train, track, use.",
+        parents=[verbosity()],
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=verb_parser)
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         if info.name.startswith("_"):
             continue
         module = importlib.import_module(f"{__name__}.{info.name}")
-        module.register(subparsers)
+        if hasattr(module, "register"):  # a verb (others are helpers, e.g. failures)
+            module.register(subparsers)
     return parser
 
 

@@ -39,7 +39,12 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:  # ConfigError
         console.print(f"[red]config error:[/] {err}", highlight=False)
         return 2
-    return run_config(cfg, args.run_id, args.dry_run, console)
+    return run_config(cfg, args.run_id, args.dry_run, console, verbose(args))
+
+
+def verbose(args: argparse.Namespace) -> bool:
+    """`-v`: show Ray's and MLflow's own output on the console too."""
+    return bool(getattr(args, "verbose", False))
 
 
 def console_for_run():
@@ -48,14 +53,19 @@ def console_for_run():
     return Console(soft_wrap=True)
 
 
-def run_config(cfg, run_id: str | None, dry_run: bool, console) -> int:
-    """Dry-run or run a validated config; Ctrl-C (or SIGTERM) leaves a resumable run."""
+def run_config(cfg, run_id: str | None, dry_run: bool, console, verbose: bool = False) -> int:
+    """Dry-run or run a validated config; Ctrl-C (or SIGTERM) leaves a resumable run. Ray's
+    and MLflow's chatter goes to the run folder's logs/ (pipeline.run_logs) unless
+    `verbose`; a failure is one line with the log's path, the next command and its exit
+    code (pipeline.cli.failures)."""
     import signal
 
+    from pipeline.cli.failures import EXIT_INTERRUPTED, classify, say
     from pipeline.config import ConfigError, dump_config
     from pipeline.dataset import ensure_dataset
-    from pipeline.driver.run import PhaseFailedError, run_pipeline
-    from pipeline.driver.run_dir import new_run_id, plan_table, run_dir_of
+    from pipeline.driver.run import run_pipeline
+    from pipeline.driver.run_dir import CONFIG_FILE, LOG_DIR, new_run_id, plan_table, run_dir_of
+    from pipeline.run_logs import RunLogs
     from pipeline.tracking.secrets import redact_uri
 
     try:
@@ -64,35 +74,51 @@ def run_config(cfg, run_id: str | None, dry_run: bool, console) -> int:
         console.print(f"[red]config error:[/] {err}", highlight=False)
         return 2
     run_id = run_dir.name
-    try:
-        if dry_run:
+    if dry_run:
+        try:
             console.print(plan_table(cfg))
             path = dump_config(cfg, run_dir / "config.resolved.yaml")
             console.print(f"resolved config written to {path}; nothing was run")
             if Path(cfg.data.dataset).is_dir():
                 ensure_dataset(cfg, console)
-            return 0
-        signal.signal(signal.SIGTERM, interrupt)  # `ray job stop`, kill: like Ctrl-C
-        result = run_pipeline(cfg, run_id, console)
-    except ConfigError as err:  # a bad config, a failed preflight, a run already in use
-        kind = {"RunLockedError": "error", "PreflightError": "error", "StorageError": "error"}
-        label = kind.get(type(err).__name__, "config error")
-        console.print(f"[red]{label}:[/] {err}", highlight=False)
-        return 2
-    except PhaseFailedError as err:
-        console.print(f"[red]failed:[/] {err}", highlight=False)
-        return 1
-    except KeyboardInterrupt:
-        console.print(f"\n[yellow]interrupted[/]: continue with `progan resume {run_dir}`")
-        return 130
+        except ConfigError as err:
+            console.print(f"[red]config error:[/] {err}", highlight=False)
+            return 2
+        return 0
+    signal.signal(signal.SIGTERM, interrupt)  # `ray job stop`, kill: like Ctrl-C
+    with RunLogs(run_dir / LOG_DIR, verbose) as logs:
+        try:
+            result = run_pipeline(cfg, run_id, console)
+        except KeyboardInterrupt:
+            console.print(f"\n[yellow]interrupted[/]: continue with `progan resume {run_dir}`")
+            return EXIT_INTERRUPTED
+        except Exception as err:
+            logs.record_failure(err)
+            failure = classify(err)
+            resumable = (run_dir / CONFIG_FILE).is_file() and failure.code != 2
+            next_step = next_step_after(failure.code, run_dir) if resumable else None
+            return say(console, failure, logs.driver_log, next_step)
     if all(r["status"] != "trained" for r in result.phases):
         console.print("all phases done earlier: nothing to train")
     console.print(f"\n[bold green]done[/]: run {result.run_id}")
     console.print(f"  run directory : {result.run_dir}")
     console.print(f"  generator     : {result.generator}")
     console.print(f"  MLflow store  : {redact_uri(result.tracking_uri)}")
+    console.print(f"  logs          : {logs.folder}")
     console.print(f"  open it with  : progan ui --root {result.run_dir.parent}")
     return 0
+
+
+def next_step_after(code: int, run_dir: Path) -> str:
+    """What to type after a failure of kind `code` (pipeline.cli.failures)."""
+    from pipeline.cli.failures import EXIT_CLUSTER, EXIT_TRACKING, EXIT_TRAINING
+
+    resume = f"`progan resume {run_dir}`"
+    return {
+        EXIT_TRACKING: f"start the MLflow server (or set tracking.uri), then {resume}",
+        EXIT_CLUSTER: f"check the cluster (`ray status`) and its address, then {resume}",
+        EXIT_TRAINING: f"fix the cause, then {resume} (it continues from the last checkpoint)",
+    }.get(code, resume)
 
 
 def interrupt(signum: int, frame: object) -> None:
@@ -124,7 +150,7 @@ def resume(args: argparse.Namespace) -> int:
     except ValueError as err:
         console.print(f"[red]config error:[/] {err}", highlight=False)
         return 2
-    return run_config(cfg, run_dir.name, False, console)
+    return run_config(cfg, run_dir.name, False, console, verbose(args))
 
 
 def refuse_masked_uris(cfg) -> None:

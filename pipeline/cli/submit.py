@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--python", default="python", help="interpreter on the cluster with the project's deps"
     )
-    p.set_defaults(func=submit)
+    p.set_defaults(func=guarded(submit))
     for name, func, help_text in (
         ("status", status, "print a submitted job's status"),
         ("logs", logs, "print (or --follow) a submitted job's logs"),
@@ -38,7 +38,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         q.add_argument("--address", default=DEFAULT_ADDRESS, help="Ray dashboard/Jobs address")
         if name == "logs":
             q.add_argument("--follow", action="store_true", help="until the job ends")
-        q.set_defaults(func=func)
+        q.set_defaults(func=guarded(func))
+
+
+def guarded(verb):
+    """The verb, with a dashboard it cannot reach (or a job it cannot find) ending in one
+    line and an exit code (pipeline.cli.failures) instead of a traceback."""
+    import functools
+
+    @functools.wraps(verb)
+    def run(args: argparse.Namespace) -> int:
+        from rich.console import Console
+
+        from pipeline.cli.failures import EXIT_CLUSTER, EXIT_CONFIG, Failure, classify, say
+
+        try:
+            return verb(args)
+        except Exception as err:
+            failure = classify(err)
+            text = failure.text
+            if "404" in text or "does not exist" in text:
+                job = getattr(args, "job_id", "")
+                failure = Failure(EXIT_CONFIG, "error", f"no job {job} at {args.address}")
+                return say(Console(soft_wrap=True), failure, None, "`ray job list` lists them")
+            if failure.code == EXIT_CLUSTER or "Failed to connect" in text:
+                failure = Failure(EXIT_CLUSTER, "Ray cluster unreachable", text)
+            hint = f"check that a Ray cluster's dashboard listens at {args.address} (`ray status`)"
+            return say(Console(soft_wrap=True, stderr=False), failure, None, hint)
+
+    return run
 
 
 def submission_id(address: str, run_id: str) -> str:

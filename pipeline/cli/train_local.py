@@ -36,24 +36,37 @@ def run(args: argparse.Namespace) -> int:
     """Validate the config, train, print where the results are; config errors exit 2."""
     from rich.console import Console
 
+    from pipeline.cli.failures import EXIT_INTERRUPTED, classify, say
     from pipeline.config import ConfigError, load_config
+    from pipeline.driver.run_dir import LOG_DIR
     from pipeline.phases.local import train_local
+    from pipeline.run_logs import RunLogs
 
     console = Console(soft_wrap=True)
     try:
         cfg = load_config(args.config, list(args.overrides))
-        out = Path(args.out or Path(cfg.run.root) / f"local-{Path(args.config).stem}")
-        result = train_local(
-            cfg,
-            out,
-            device=args.device,
-            time_budget_min=args.time_budget_min,
-            console=console,
-            eval_every_phase=not args.final_eval_only,
-        )
     except ConfigError as err:
         console.print(f"[red]config error:[/] {err}", highlight=False)
         return 2
+    out = Path(args.out or Path(cfg.run.root) / f"local-{Path(args.config).stem}")
+    again = f"`progan train-local {args.config} --out {out}` again (it continues)"
+    with RunLogs(out / LOG_DIR, bool(getattr(args, "verbose", False)), ray=False) as logs:
+        try:
+            result = train_local(
+                cfg,
+                out,
+                device=args.device,
+                time_budget_min=args.time_budget_min,
+                console=console,
+                eval_every_phase=not args.final_eval_only,
+            )
+        except KeyboardInterrupt:
+            console.print(f"\n[yellow]interrupted[/]: continue with {again}", highlight=False)
+            return EXIT_INTERRUPTED
+        except Exception as err:
+            logs.record_failure(err)
+            failure = classify(err)
+            return say(console, failure, logs.driver_log, None if failure.code == 2 else again)
     s = result.summary
     state = "complete" if s["complete"] else f"stopped at {s['images_shown']} images"
     console.print(f"\n[bold green]done[/] ({state})", highlight=False)

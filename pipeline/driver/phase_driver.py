@@ -3,6 +3,7 @@ workers said, and the phase's record in state.json."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,7 @@ from pipeline.phases.checkpoints import STATE_FILE as CHECKPOINT_STATE
 from pipeline.phases.mailbox import Mailbox
 from pipeline.phases.ray_train import WorkerFn, fit_phase
 from pipeline.phases.session import PhaseJob, TrackingIds
+from pipeline.progress import REFRESH_S, ProgressDisplay
 from pipeline.tracking.secrets import redact_uri
 from pipeline.tracking.tracker import Tracker
 from progan.schedule import Phase
@@ -39,9 +41,11 @@ class PhaseDriver:
         tracker: Tracker,
         mailbox: Mailbox,
         console: Console,
+        display: ProgressDisplay | None = None,
     ) -> None:
         self.cfg, self.run_dir, self.state = cfg, run_dir, state
         self.tracker, self.mailbox, self.console = tracker, mailbox, console
+        self.display = display
 
     def train(
         self,
@@ -76,7 +80,8 @@ class PhaseDriver:
         self.recover_snapshot(job, storage, ps.ray_name)
         started = time.perf_counter()
         try:
-            result = fit_phase(job, storage, ps.ray_name, env, worker_fn)
+            with ProgressFeed(self.mailbox, self.display, phase.index):
+                result = fit_phase(job, storage, ps.ray_name, env, worker_fn)
         finally:
             self.read_mailbox(phase)
         wall = time.perf_counter() - started
@@ -92,6 +97,8 @@ class PhaseDriver:
             ps.child_run_id, {"phase_wall_s": wall, "ray_overhead_s": overhead}, phase.end_images
         )
         evaluation = ps.evaluation  # from the mailbox: it ran after the final report
+        if self.display is not None:
+            self.display.evaluated(phase.index, evaluation)
         if evaluation:  # the parent run gets each phase's numbers too: one curve per metric
             tracker.log_metrics(state.parent_run_id, evaluation, phase.end_images)
         if self.cfg.tracking.log_checkpoints:
@@ -191,3 +198,48 @@ class PhaseDriver:
         except Exception as err:
             self.console.print(f"[yellow]MLflow: {type(err).__name__}: {str(err)[:200]}")
             return False
+
+
+class ProgressFeed:
+    """While a phase fits: read rank 0's progress points from the mailbox every REFRESH_S
+    seconds into the display (pipeline.progress), in a thread of the driver."""
+
+    def __init__(self, mailbox: Mailbox, display: ProgressDisplay | None, phase: int) -> None:
+        self.mailbox, self.display, self.phase = mailbox, display, phase
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.loop, name="progan-progress", daemon=True)
+
+    def __enter__(self) -> ProgressFeed:
+        if self.display is not None:
+            self.display.phase_started(self.phase)
+            self.thread.start()
+        return self
+
+    def loop(self) -> None:
+        while not self.stop.wait(REFRESH_S):
+            self.drain()
+
+    def drain(self) -> None:
+        display = self.display
+        if display is None:
+            return
+        try:
+            points = self.mailbox.new_progress(timeout_s=10)
+        except Exception:  # the display is best effort; the phase goes on
+            return
+        for point in points:
+            if point.get("phase") != self.phase:
+                continue
+            if point.get("state") == "evaluating":
+                display.evaluating(self.phase)
+            elif point.get("state") == "started":
+                display.phase_started(self.phase, int(point["images_shown"]))
+            else:
+                display.point(self.phase, point)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.display is None:
+            return
+        self.stop.set()
+        self.thread.join(timeout=30)
+        self.drain()

@@ -37,12 +37,35 @@ def start_ray(address: str | None, tracking_uri: str | None = None) -> None:
     """
     if tracking_uri is not None:
         export_secrets(tracking_env(tracking_uri))
+    if address:
+        check_reachable(address)
     missing = {k: v for k, v in RAY_ENV.items() if k not in os.environ}  # a Ray Job sets them
     os.environ.update(missing)  # a local Ray started here inherits them
     runtime_env: dict[str, Any] = {"env_vars": missing} if missing else {}
     if address:
         runtime_env["py_modules"] = project_modules()
     ensure_ray(address, runtime_env=runtime_env or None)
+
+
+class ClusterUnreachableError(ConnectionError):
+    """Nothing answers at the Ray address (Ray itself would retry for minutes)."""
+
+
+def check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """Refuse at once a `host:port` (or `ray://host:port`) where nothing listens: `ray.init`
+    retries a dead GCS address for many minutes, printing a warning every few seconds."""
+    import socket
+
+    target = address.split("://", 1)[-1]
+    host, _, port = target.rpartition(":")
+    if address == "auto" or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise ClusterUnreachableError(
+            f"no Ray cluster answers at {address} ({err.strerror or err})"
+        ) from None
 
 
 def worker_env(uri: str) -> dict[str, str]:

@@ -43,6 +43,7 @@ from pipeline.driver.storage import (
 )
 from pipeline.phases.ray_train import WorkerFn
 from pipeline.phases.session import PhaseJob
+from pipeline.progress import PROGRESS_FILE, ProgressDisplay
 from pipeline.tracking.secrets import redact_uri
 from pipeline.tracking.tracker import Tracker, flatten, resolve_uri
 from progan.schedule import Phase
@@ -125,6 +126,13 @@ def _run_locked(
         uri = state.tracking_uri or ""
         return RunResult(run_id, run_dir, generator, uri, state.parent_run_id or "", rows)
     uri = resolve_uri(cfg.tracking.uri, cfg.run.root)
+    tracker = Tracker(  # first: a server that does not answer fails the run before Ray starts
+        uri,
+        cfg.tracking.experiment,
+        Path(cfg.run.root) / "mlartifacts",
+        outage_wait_s=cfg.tracking.outage_wait_s,
+        say=lambda text: console.print(f"[yellow]{text}[/]", highlight=False),
+    )
     start_ray(cfg.ray_address, uri)  # before the data: a prepare from data.source runs on it
     ensure_dataset(cfg, console)
     check_same_dataset(cfg, state)
@@ -139,13 +147,6 @@ def _run_locked(
         started = time.perf_counter()
         check_cluster(cfg, uri, storage, env)
         console.print(f"preflight: nodes ok ({time.perf_counter() - started:.1f} s)")
-    tracker = Tracker(
-        uri,
-        cfg.tracking.experiment,
-        Path(cfg.run.root) / "mlartifacts",
-        outage_wait_s=cfg.tracking.outage_wait_s,
-        say=lambda text: console.print(f"[yellow]{text}[/]", highlight=False),
-    )
     state.tracking_uri = redact_uri(uri)
     if state.parent_run_id is None:
         tags = {"run_id": run_id, "run_dir": str(run_dir), "storage": storage, **(run_tags or {})}
@@ -161,7 +162,8 @@ def _run_locked(
     )
 
     mailbox = Mailbox()
-    driver = PhaseDriver(cfg, run_dir, state, tracker, mailbox, console)
+    display = ProgressDisplay(run_id, plan, console, run_dir / PROGRESS_FILE)
+    driver = PhaseDriver(cfg, run_dir, state, tracker, mailbox, console, display)
     rows: list[dict[str, Any]] = []
     previous: str | None = None
     ps = None
@@ -184,6 +186,10 @@ def _run_locked(
     except BaseException as err:
         # stopped (Ctrl-C, SIGTERM, a Tune scheduler's sys.exit) vs broken
         status = "KILLED" if isinstance(err, KeyboardInterrupt | SystemExit) else "FAILED"
+        display.close(
+            "stopped" if status == "KILLED" else "failed",
+            f"{type(err).__name__}: {str(err)[:300]}; continue with `progan resume {run_dir}`",
+        )
         for run in (ps.child_run_id if ps and not ps.done else None, state.parent_run_id):
             problem = tracker.try_finish(run, status) if run else None
             if problem:
@@ -201,6 +207,7 @@ def _run_locked(
     tracker.finish(state.parent_run_id)
     state.finished = True
     state.save(run_dir / STATE_FILE)
+    display.close("done")
     return RunResult(run_id, run_dir, generator, uri, state.parent_run_id, rows)
 
 

@@ -29,6 +29,7 @@ CONFIG_FILE = "config.yaml"
 STATE_FILE = "state.json"
 GENERATOR_FILE = "generator.pt"
 PHASES_FILE = "phases.md"
+LOG_DIR = "logs"  # driver.log and workers.log (pipeline.run_logs)
 
 
 def new_run_id() -> str:

@@ -40,6 +40,7 @@ from pipeline.config import ConfigError, PipelineConfig, changed_since, dump_con
 from pipeline.dataset import ensure_dataset
 from pipeline.phases.checkpoints import STATE_FILE, latest_checkpoint
 from pipeline.phases.session import PhaseJob, PhaseSession, PhaseSink, restore_trainer
+from pipeline.progress import PROGRESS_FILE, ProgressDisplay
 from progan.device import configure_device
 from progan.schedule import Phase
 from progan.trainer import GANTrainer
@@ -134,6 +135,7 @@ class LocalFolderSink(PhaseSink):
         hook: CheckpointHook | None,
     ) -> None:
         self.out, self.console, self.budget_s, self.hook = out, console, budget_s, hook
+        self.display: ProgressDisplay | None = None  # pipeline.progress, set by train_local
         self.book = {
             "train_seconds": 0.0,
             "eval_seconds": 0.0,
@@ -150,14 +152,9 @@ class LocalFolderSink(PhaseSink):
         self.console.file.flush()
 
     def stats(self, session: PhaseSession, stats: dict[str, float]) -> None:
-        phase, shown = session.phase, int(stats["images_shown"])
-        append_jsonl(self.out / STATS_FILE, {"phase": phase.name, **stats})
-        self.say(
-            f"{phase.name}  {shown - phase.start_images:>9,}/{phase.num_images:,} img  "
-            f"alpha {stats['alpha']:.2f}  "
-            f"d_loss {stats['d_loss']:8.3f}  g_loss {stats['g_loss']:8.3f}  "
-            f"{stats['images_per_s']:8.0f} img/s"
-        )
+        append_jsonl(self.out / STATS_FILE, {"phase": session.phase.name, **stats})
+        if self.display is not None:
+            self.display.point(session.phase.index, stats)
 
     def step(self, session: PhaseSession) -> None:
         if self.budget_s is not None and self.trained_here + session.train_seconds >= self.budget_s:
@@ -186,6 +183,8 @@ class LocalFolderSink(PhaseSink):
         if "msssim_fake" in record:
             note += f"  MS-SSIM {record['msssim_fake']:.3f} (real {record['msssim_real']:.3f})"
         self.say(f"{phase.name}  evaluated in {metrics['eval_seconds']:.1f} s{note}")
+        if self.display is not None:
+            self.display.evaluated(phase.index, metrics)
 
     def evaluation_failed(self, session: PhaseSession, error: Exception) -> None:
         self.say(
@@ -276,10 +275,30 @@ def train_local(
     restored = restore_trainer(trainer, [("checkpoint", latest)])
     budget_s = time_budget_min * 60 if time_budget_min is not None else None
     sink = LocalFolderSink(out, console, restored.host.get("book", {}), budget_s, on_checkpoint)
+    sink.display = ProgressDisplay(out.name, cfg.plan, console, out / PROGRESS_FILE)
     origin = restored.origin
     where = f" at {trainer.images_shown} images" if origin != "scratch" else ""
     sink.say(f"train-local: {cfg.model.arch} on {dev}, output in {out}")
     sink.say(f"starting from {origin}{where}")
+    stopped_in = cfg.plan[-1]
+    try:
+        stopped_in = train_phases(cfg, trainer, sink, origin, eval_every_phase)
+    except BaseException as err:
+        state = "stopped" if isinstance(err, KeyboardInterrupt) else "failed"
+        sink.display.close(state, f"{type(err).__name__}: {str(err)[:300]}")
+        raise
+    sink.display.close("done" if trainer.images_shown >= cfg.plan[-1].end_images else "stopped")
+    return write_summary(cfg, out, trainer, sink.book, stopped_in, time.perf_counter() - started)
+
+
+def train_phases(
+    cfg: PipelineConfig,
+    trainer: GANTrainer,
+    sink: LocalFolderSink,
+    origin: str,
+    eval_every_phase: bool,
+) -> Phase:
+    """Every phase not done yet, in this process; returns the phase training stopped in."""
     stopped_in = cfg.plan[-1]
     for phase in cfg.plan:
         wanted = eval_every_phase or phase is cfg.plan[-1]
@@ -302,7 +321,7 @@ def train_local(
         if outcome.stopped:
             stopped_in = phase
             break
-    return write_summary(cfg, out, trainer, sink.book, stopped_in, time.perf_counter() - started)
+    return stopped_in
 
 
 def write_summary(

@@ -27,12 +27,14 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline.phases.mailbox import post
+from pipeline.phases.mailbox import post, post_progress
 from pipeline.phases.session import PhaseJob, PhaseSession, PhaseSink, restore_trainer
 from progan.device import configure_device
 from progan.trainer import GANTrainer, NonFiniteLossError
 
 WorkerFn = Callable[[dict[str, Any]], None]
+# what rank 0 sends the driver's progress display at each log point
+PROGRESS_STATS = ("images_shown", "alpha", "images_per_s", "d_loss", "g_loss")
 
 
 def ddp_wrapper(device: torch.device):
@@ -74,12 +76,23 @@ class RayTrainSink(PhaseSink):
         if self.rank == 0:
             images = session.trainer.images_shown
             post(self.mailbox, "start", session.phase.index, origin=session.origin, images=images)
+            post_progress(self.mailbox, session.phase.index, state="started", images_shown=images)
+
+    def stats(self, session: PhaseSession, stats: dict[str, float]) -> None:
+        if self.rank == 0:  # values already on the host: the loop read them for this point
+            point = {k: stats[k] for k in PROGRESS_STATS if k in stats}
+            post_progress(self.mailbox, session.phase.index, state="training", **point)
 
     def checkpoint(
         self, session: PhaseSession, directory: Path | None, report: dict[str, Any]
     ) -> None:
         if report["final"]:  # a divergence must fail the phase, not be its final checkpoint
             check_replicas_equal(session.trainer)
+            if self.rank == 0 and session.wants_evaluation:
+                shown = report["images_shown"]
+                post_progress(
+                    self.mailbox, session.phase.index, state="evaluating", images_shown=shown
+                )
         checkpoint = ray.train.Checkpoint.from_directory(directory) if directory else None
         name = directory.name if directory else None
         metrics = {k: report[k] for k in ("images_shown", "final", "origin", "train_seconds")}
