@@ -136,5 +136,5 @@ def test_optional_tools_are_extras_not_everyones_dependencies():
     core = {d.split(">")[0].split("[")[0].split("<")[0] for d in project["dependencies"]}
     assert not core & {"onnx", "onnxscript", "onnxruntime", "av", "optuna", "scipy"}
     extras = project["optional-dependencies"]
-    assert {"export", "video", "optuna"} <= set(extras)
+    assert {"export", "video", "tune"} <= set(extras)
     assert "progan-pipeline[export,video,optuna]" in extras["dev"]  # the tests use them all

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,18 +38,20 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.markup import escape
 
+    from pipeline.cli.failures import classify, say
     from pipeline.config import ConfigError
+    from pipeline.driver.run_dir import LOG_DIR
+    from pipeline.run_logs import RunLogs
     from pipeline.search import sweep as tune
     from pipeline.tracking.secrets import redact_uri
 
     console = Console(soft_wrap=True)
+    verbose = bool(getattr(args, "verbose", False))
     try:
         if args.resume:
             if args.spec or args.overrides:
                 raise ConfigError("--resume takes the sweep directory only (no spec, overrides)")
-            result = tune.resume_sweep(
-                args.resume, args.address, console, retry_errored=args.retry_errored
-            )
+            folder = Path(args.resume)
         else:
             if not args.spec:
                 raise ConfigError("a tune spec (conf/tune/NAME.yaml) or --resume DIR is needed")
@@ -55,13 +59,34 @@ def run(args: argparse.Namespace) -> int:
             if args.dry_run:
                 console.print(escape(tune.dry_run_text(sweep)), highlight=False)
                 return 0
-            result = tune.start_sweep(sweep, args.address, console)
+            folder = sweep.sweep_dir
     except ConfigError as err:
         console.print(f"[red]config error:[/] {escape(str(err))}", highlight=False)
         return 2
-    except tune.SweepInterrupted as err:
-        console.print(f"[yellow]{escape(str(err))}[/]", highlight=False)
-        return 130
+    logs = RunLogs(folder / LOG_DIR, verbose) if (folder.is_dir() or not args.resume) else None
+    with logs or contextlib.nullcontext():
+        try:
+            if args.resume:
+                result = tune.resume_sweep(
+                    args.resume, args.address, console, retry_errored=args.retry_errored
+                )
+            else:
+                result = tune.start_sweep(sweep, args.address, console, verbose)
+        except ConfigError as err:
+            console.print(f"[red]config error:[/] {escape(str(err))}", highlight=False)
+            return 2
+        except tune.SweepInterrupted as err:
+            console.print(f"[yellow]{escape(str(err))}[/]", highlight=False)
+            return 130
+        except KeyboardInterrupt:
+            console.print(f"[yellow]interrupted[/]: continue with `progan tune --resume {folder}`")
+            return 130
+        except Exception as err:
+            if logs is not None:
+                logs.record_failure(err)
+            failure = classify(err)
+            log_file = logs.driver_log if logs is not None else None
+            return say(console, failure, log_file, f"`progan tune --resume {folder}`")
     console.print(f"\n[bold green]sweep done[/] in {result.wall_s:.0f} s: {result.sweep_dir}")
     if result.best_config:
         console.print(f"  best config   : {result.best_config}")

@@ -366,7 +366,7 @@ def searcher_available(name: str) -> None:
     if importlib.util.find_spec(name) is None:
         raise ConfigError(
             f"search.algorithm: '{name}' needs the {name} package, an optional extra "
-            f"(pip install 'progan-pipeline[{name}]'); "
+            f"(pip install 'progan-pipeline[tune]'); "
             "available without it: random, grid"
         )
 

@@ -37,6 +37,7 @@ from rich.console import Console
 
 from pipeline.config import ConfigError, absolute_paths, validate_config
 from pipeline.phases.tune_trial import TIME_ATTR, find_trial_run
+from pipeline.search.progress import TrialProgress
 from pipeline.search.schedulers import make_scheduler
 from pipeline.search.spec import (
     CHECKPOINT_PERIOD_S,
@@ -126,12 +127,13 @@ def make_trainable(sweep: Sweep, sweep_run_id: str):
     return trainable, space
 
 
-def make_tuner(sweep: Sweep, sweep_run_id: str):
+def make_tuner(sweep: Sweep, sweep_run_id: str, verbose: bool = False):
     """A new Tuner for the sweep: searcher, scheduler, storage in the sweep directory."""
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
 
     s, pbt = sweep.spec.search, sweep.spec.scheduler.type == "pbt"
+    progress = TrialProgress(sweep.trial_kimg, s.metric, sweep.trial_phases)
     limit = s.max_concurrent_trials
     trainable, space = make_trainable(sweep, sweep_run_id)
     if s.algorithm == "optuna":
@@ -158,10 +160,10 @@ def make_tuner(sweep: Sweep, sweep_run_id: str):
         run_config=tune.RunConfig(
             name="ray",
             storage_path=str(sweep.sweep_dir),
-            callbacks=[MlflowStatusCallback(sweep)],
+            callbacks=[MlflowStatusCallback(sweep), progress],
             # PBT copies another trial's checkpoint: keep a few more of them
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2 if not pbt else 4),
-            verbose=1,
+            verbose=1 if verbose else 0,  # Tune's status table with -v; else search.progress
         ),
     )
 
@@ -218,7 +220,10 @@ def prepare_data(sweep: Sweep, console: Console) -> None:
 
 
 def start_sweep(
-    sweep: Sweep, address: str | None = None, console: Console | None = None
+    sweep: Sweep,
+    address: str | None = None,
+    console: Console | None = None,
+    verbose: bool = False,
 ) -> SweepResult:
     """Run a new sweep to the end; returns the summary (refuses an existing sweep dir)."""
     console = console or Console()
@@ -241,7 +246,8 @@ def start_sweep(
     limit = sweep.spec.search.max_concurrent_trials
     plan = describe_plan(sweep, limit)
     console.print(f"sweep [bold]{sweep.name}[/] in {sweep.sweep_dir}: {plan}")
-    return execute(make_tuner(sweep, sweep_run_id), sweep, sweep_run_id, tracker, console)
+    tuner = make_tuner(sweep, sweep_run_id, verbose)
+    return execute(tuner, sweep, sweep_run_id, tracker, console)
 
 
 def resume_sweep(
