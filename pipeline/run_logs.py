@@ -6,7 +6,9 @@ MLflow say about themselves (worker groups, process groups, checkpoint reports, 
 migrations, system-metrics monitors) goes to `<folder>/driver.log` (the driver's Python
 loggers, and the traceback of any failure) and `<folder>/workers.log` (every Ray worker's
 and actor's output, which Ray streams to the driver). `verbose` keeps all of it on the
-console as well. Warnings of the project's own loggers reach the console either way.
+console as well. Warnings of the project's own loggers reach the console either way. Both
+files get every line through `pipeline.tracking.secrets.redact` (URI passwords and the
+values of secret variables masked), as the console does.
 """
 
 from __future__ import annotations
@@ -19,10 +21,22 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from pipeline.tracking.secrets import redact
+
 DRIVER_LOG = "driver.log"
 WORKERS_LOG = "workers.log"
 # loggers whose INFO lines are other projects' internals
-CHATTY = ("ray", "mlflow", "alembic", "urllib3", "filelock", "matplotlib", "httpx", "botocore")
+CHATTY = (
+    "ray",
+    "ray.data",  # its own console handler, not propagated
+    "mlflow",
+    "alembic",
+    "urllib3",
+    "filelock",
+    "matplotlib",
+    "httpx",
+    "botocore",
+)
 RAY_HANDLER = "ray_print_logs"  # the name Ray gives its worker-output printer
 OUR_HANDLER = "progan_run_logs"
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -49,12 +63,13 @@ class RunLogs:
         from preprocessing.runners import AFTER_RAY_INIT
 
         if self.ray:
-            import mlflow  # noqa: F401  both configure their loggers when first imported
+            import mlflow  # noqa: F401  these configure their loggers when first imported
             import ray
+            import ray.data  # (Ray Train imports it anyway)
 
         self.folder.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(self.driver_log, encoding="utf-8")
-        handler.setFormatter(logging.Formatter(FORMAT))
+        handler.setFormatter(RedactingFormatter(FORMAT))
         handler.setLevel(logging.DEBUG if self.verbose else logging.INFO)
         self._handler = handler
         logging.getLogger().addHandler(handler)  # ours and anything that propagates
@@ -101,7 +116,7 @@ class RunLogs:
             if self._workers_file is None:
                 return
             for line in lines:
-                self._workers_file.write(f"{prefix} {line}\n")
+                self._workers_file.write(redact(f"{prefix} {line}") + "\n")
             self._workers_file.flush()
 
     def record_failure(self, error: BaseException) -> None:
@@ -162,6 +177,13 @@ class RunLogs:
     def _write_driver_text(self, text: str) -> None:
         if text.strip():
             logging.getLogger("mlflow.eprint").info(text.rstrip())
+
+
+class RedactingFormatter(logging.Formatter):
+    """A log line with its secrets masked (pipeline.tracking.secrets)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
 
 
 def _writes_to_console(handler: logging.Handler) -> bool:

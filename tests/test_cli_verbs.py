@@ -136,6 +136,23 @@ def test_ui_links_a_tracking_server_instead_of_serving_it_again(tmp_path):
     assert "s3cret" not in done.stdout + done.stderr
 
 
+@pytest.mark.slow  # a real `mlflow server`
+def test_ui_against_a_real_tracking_server_prints_its_training_view_link(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from tests.cluster_harness import mlflow_server
+
+    with mlflow_server(tmp_path / "server") as url:
+        experiment = MlflowClient(tracking_uri=url).create_experiment("progan")
+        done = subprocess.run(
+            [PROGAN, "ui", "--uri", url], cwd=tmp_path, capture_output=True, text=True,
+            timeout=120,
+        )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    link = f"{url}/#/experiments/{experiment}/runs?workflowType=machine_learning"
+    assert f"runs of progan (training view): {link}" in done.stdout, done.stdout
+
+
 def test_train_local_then_every_generator_tool_from_the_shell(tmp_path):
     """train-local, then generate, interpolate, edit, export and evaluate on its output,
     each as a separate `progan` process (their properties are in tests/test_tools.py)."""
