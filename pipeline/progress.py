@@ -90,7 +90,7 @@ class Progress:
         )
 
     def phase_line(self) -> str:
-        done = self.images - self.phase_start
+        done = min(self.images, self.phase_end) - self.phase_start  # the last batch may overrun
         total = self.phase_end - self.phase_start
         parts = [
             f"{self.phase} {self.resolution}x{self.resolution} alpha {self.alpha:.2f}",
@@ -111,7 +111,7 @@ class Progress:
         stamp = time.strftime("%H:%M:%S", time.localtime(self.updated))
         return (
             f"{stamp} {self.phase} ({self.phase_index + 1}/{self.phases}) "
-            f"alpha {self.alpha:.2f} | {self.images - self.phase_start:,}/"
+            f"alpha {self.alpha:.2f} | {min(self.images, self.phase_end) - self.phase_start:,}/"
             f"{self.phase_end - self.phase_start:,} images | {self.images_per_s:,.0f} img/s | "
             f"ETA phase {clock(self.eta_s(self.phase_end))}, run {clock(self.eta_s(self.run_end))}"
             + (
@@ -171,6 +171,7 @@ class ProgressDisplay:
                 phase.end_images,
             )
             p.images = max(p.images, phase.start_images)
+            p.alpha = phase.alpha_at(min(p.images, phase.end_images))
 
     def phase_started(self, index: int, images: int | None = None) -> None:
         """A phase begins (or resumes at `images`)."""
