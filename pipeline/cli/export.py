@@ -43,8 +43,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Write the generator at its final level/alpha as a standalone model file.",
     )
     add_generator_args(p, sampling=False)
-    p.add_argument("--format", choices=["torchscript", "onnx"], required=True, help="file format")
-    p.add_argument("--out", type=Path, required=True, help="file to write (.pt / .onnx)")
+    p.add_argument(
+        "--format",
+        choices=["torchscript", "onnx", "bundle"],
+        required=True,
+        help="file format; bundle: a folder with safetensors weights and a model card",
+    )
+    p.add_argument("--out", type=Path, required=True, help="file (.pt / .onnx) or bundle folder")
+    p.add_argument(
+        "--data-licence", default=None, help="bundle: the training data's licence, for the card"
+    )
     p.add_argument("--verify-n", type=positive_int, default=8, help="latents compared after export")
     p.set_defaults(func=run)
 
@@ -148,6 +156,8 @@ def max_difference(module: nn.Module, runner: Runner, z: torch.Tensor) -> float:
 @reports_errors
 def run(args: argparse.Namespace) -> int:
     """Export, load back, compare on --verify-n latents (batch size unlike the traced one)."""
+    if args.format == "bundle":
+        return export_bundle(args)
     if args.format == "onnx":
         require_onnx()
     save, load = FORMATS[args.format]
@@ -162,4 +172,33 @@ def run(args: argparse.Namespace) -> int:
     print(f"exported {args.format}: {args.out} (max |eager - exported| = {diff:.3g})")
     if not diff <= TOLERANCE:
         raise ToolError(f"{args.out} differs from the eager generator by {diff:.3g} > {TOLERANCE}")
+    return 0
+
+
+def export_bundle(args: argparse.Namespace) -> int:
+    """`--format bundle`: write the folder (pipeline.tools.bundle), then load it back with its
+    own stand-alone loader and compare with the eager generator: they must be equal."""
+    import sys
+
+    import torch
+
+    from pipeline.tools.bundle import provenance_of, write_bundle
+
+    gen = load_generator(args.ckpt, args.device, args.tracking_uri)
+    print(gen.describe())
+    found = provenance_of(args.ckpt, args.tracking_uri, args.data_licence)
+    out = write_bundle(gen, args.out, found)
+    sys.path.insert(0, str(out))
+    try:
+        from progan_bundle import load_bundle  # the bundle's own loader file
+    finally:
+        sys.path.remove(str(out))
+        sys.modules.pop("progan_bundle", None)
+    generate, _ = load_bundle(out)
+    z = gen.latents(1, args.verify_n)
+    diff = (generate(z) - gen.render(z)).abs().max().item()
+    card = out / "README.md"
+    print(f"exported bundle: {out} (model card {card}; max |eager - bundle| = {diff:.3g})")
+    if not torch.isfinite(torch.tensor(diff)) or diff > 0:
+        raise ToolError(f"{out}: its loader differs from the eager generator by {diff:.3g}")
     return 0

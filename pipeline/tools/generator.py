@@ -199,6 +199,10 @@ def load_generator(
 
         with downloaded_generator(str(path), resolve_uri(tracking_uri, "runs")) as file:
             return _load_generator_file(file, Path(str(path)), device)
+    from pipeline.tools.bundle import is_bundle, load_bundle_generator
+
+    if is_bundle(path):  # safetensors + JSON (progan export --format bundle)
+        return load_bundle_generator(Path(path), device)
     source = resolve_checkpoint(path)
     return _load_generator_file(source, source, device)
 
