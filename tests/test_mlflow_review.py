@@ -138,10 +138,14 @@ def test_the_registered_version_generates_what_progan_generate_does(review, demo
     swd = review.parent.data.metrics["SWDx1e3_avg"]
     assert float(version.tags["metric.SWDx1e3_avg"]) == pytest.approx(swd, rel=1e-5)
     assert version.tags["checkpoint"] == review.parent.data.tags["checkpoint"]
+    assert version.aliases == ["candidate"]  # a run's new version, not yet reviewed
     client.set_registered_model_alias("progan", "reviewed", version.version)
 
+    # the latent-in form for programs, logged beside the registered (servable) pyfunc
+    logged = client.search_logged_models([review.experiment.experiment_id])
+    [latent] = [m for m in logged if m.source_run_id == pid and m.name == "generator-latents"]
     with tracking_uri_set(demo_run.tracking_uri):
-        model = mlflow.pytorch.load_model(f"models:/progan/{version.version}")
+        model = mlflow.pytorch.load_model(f"models:/{latent.model_id}")
     with torch.no_grad():
         expected = to_uint8(model(sample_latents(3, 4, 16))).permute(0, 2, 3, 1).numpy()
 

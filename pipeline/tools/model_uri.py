@@ -8,7 +8,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-GENERATOR_FILE = "generator.pt"  # the registered model's extra file (pipeline.tools.registry)
+GENERATOR_FILE = "generator.pt"  # in every registered version (pipeline.tools.registry)
+WHERE = ("artifacts", "extra_files")  # the pyfunc's artifact; older versions' PyTorch model
 
 
 def is_model_uri(text: str | os.PathLike) -> bool:
@@ -27,13 +28,19 @@ def downloaded_generator(model_uri: str, tracking_uri: str) -> Iterator[Path]:
     from pipeline.tracking.tracker import tracking_uri_set
 
     with tempfile.TemporaryDirectory(prefix="progan-model-") as tmp, tracking_uri_set(tracking_uri):
-        try:
-            path = mlflow.artifacts.download_artifacts(
-                artifact_uri=f"{model_uri.rstrip('/')}/extra_files/{GENERATOR_FILE}", dst_path=tmp
-            )
-        except (MlflowException, OSError) as err:
-            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        error: Exception | None = None
+        for folder in WHERE:  # the pyfunc's artifact, else the PyTorch model's extra file
+            try:
+                path = mlflow.artifacts.download_artifacts(
+                    artifact_uri=f"{model_uri.rstrip('/')}/{folder}/{GENERATOR_FILE}",
+                    dst_path=tmp,
+                )
+                break
+            except (MlflowException, OSError) as err:
+                error = err
+        else:
+            first = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise GeneratorLoadError(
                 f"cannot load {model_uri} from MLflow at {tracking_uri}: {first[:300]}"
-            ) from err
+            ) from error
         yield Path(path)
