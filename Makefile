@@ -4,12 +4,13 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast lint format clean demo
+.PHONY: install test test-fast lint format clean demo constraints
 
-$(STAMP): pyproject.toml
+# constraints.txt pins every version (the container image installs from it too)
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -43,3 +44,9 @@ format: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
+
+# After a dependency change in pyproject.toml: install, check, then pin what was installed.
+constraints: $(STAMP)
+	head -3 constraints.txt > constraints.new
+	$(PY) -m pip freeze --exclude-editable | grep -v '^progan-pipeline' >> constraints.new
+	mv constraints.new constraints.txt
