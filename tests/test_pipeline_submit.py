@@ -75,3 +75,43 @@ def test_submit_refuses_a_bad_config_before_contacting_the_cluster(tmp_path):
     out = progan("submit", str(config), "train.loss=nope", "--address", "http://127.0.0.1:1")
     assert out.returncode == 2
     assert "config error: train.loss" in out.stdout
+
+
+def test_submit_prepare_and_tune_as_ray_jobs(ray_head, tmp_path):
+    """`progan submit -- prepare ...` and `progan submit tune SPEC` run on the cluster as
+    jobs; a bad spec or option is refused here, before the cluster is contacted."""
+    import json
+
+    import yaml
+
+    from tests.test_tune import tiny_spec
+
+    dashboard, _ = ray_head
+    photos = make_tiny_dataset(tmp_path / "made", n=48, resolution=8).parent / "photos"
+    out = tmp_path / "prepared"
+    done = progan(
+        "submit", "--address", dashboard, "--wait",
+        "--", "prepare", str(photos), str(out), "--resolution", "8", "--detector", "none",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.splitlines()[0].startswith("progan-prepare-") and "SUCCEEDED" in done.stdout
+    assert json.loads((out / "manifest.json").read_text())["records"] == 48
+
+    spec = tiny_spec(tmp_path, out, search_space={"train.ema_beta": {"grid": [0.0]}})
+    spec["base"]["model"]["resolution"] = 8
+    spec["trial"]["schedule"] = {"start_resolution": 8, "transition_kimg": 0}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    bad = progan(
+        "submit", "tune", str(path), "search.metric=nope", "--address", "http://127.0.0.1:1"
+    )
+    assert bad.returncode == 2 and "config error: search.metric" in bad.stdout, bad.stdout
+    typo = progan(
+        "submit", "--address", "http://127.0.0.1:1",
+        "--", "prepare", "x", "y", "--resolution", "8", "--bogus",
+    )  # fmt: skip
+    assert typo.returncode == 2 and "--bogus" in typo.stderr, typo.stderr
+    done = progan("submit", "tune", str(path), "--name", "s1", "--address", dashboard, "--wait")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.splitlines()[0] == "progan-tune-s1" and "SUCCEEDED" in done.stdout
+    assert (tmp_path / "runs" / "tune" / "s1" / "summary.md").is_file()

@@ -65,7 +65,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # `progan run conf.yaml --dry-run train.loss=wgan` would refuse the override: take
     # key=value words that come after options as overrides too
     overrides = getattr(args, "overrides", None)
-    stray = [w for w in extra if w.startswith("-") or "=" not in w or overrides is None]
+    passing = args.command == "submit" and getattr(args, "config", None) in ("tune", "prepare")
+    stray = [  # `progan submit tune|prepare ...` passes its verb's own options on
+        w for w in extra if not passing and (w.startswith("-") or "=" not in w or overrides is None)
+    ]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:

@@ -1,9 +1,13 @@
 """`progan submit | status | logs`: run the pipeline as a Ray Job on a cluster.
 
-`submit` validates the config here (a bad config never reaches the cluster), makes its
-paths absolute (the cluster must see the same paths: a shared filesystem, or the same
-machine), and submits `progan run` with the project's packages in the job's runtime env.
-Submitting the same `--run-id` again (after a failed or stopped job) resumes that run.
+`submit CONFIG` validates the config here (a bad config never reaches the cluster), makes
+its paths absolute (the cluster must see the same paths: a shared filesystem, the same
+machine, or URIs), and submits `progan run` with the project's packages in the job's
+runtime env. Submitting the same `--run-id` again (after a failed or stopped job) resumes
+that run. `submit tune SPEC ...` submits a sweep (the spec validated here, sent with its
+base config inlined) and `submit prepare SOURCE OUT ...` a preparation (its arguments
+checked here, paths as the cluster sees them); `--` before the verb passes every option
+after it to the job's command.
 """
 
 from __future__ import annotations
@@ -15,13 +19,18 @@ import tempfile
 from pathlib import Path
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+OTHER_VERBS = ("tune", "prepare")  # `progan submit VERB ...` besides a run
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `submit`, `status` and `logs`."""
-    p = subparsers.add_parser("submit", help="submit `progan run` as a Ray Job")
-    p.add_argument("config", help="pipeline config YAML (validated here first)")
-    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    p = subparsers.add_parser(
+        "submit", help="submit `progan run` (or `tune`, `prepare`) as a Ray Job"
+    )
+    p.add_argument(
+        "config", help="pipeline config YAML (validated here first), or the verb tune / prepare"
+    )
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, or the verb's words")
     p.add_argument("--address", default=DEFAULT_ADDRESS, help="Ray dashboard/Jobs address")
     p.add_argument("--run-id", default=None, help="continue this run (default: a new id)")
     p.add_argument("--wait", action="store_true", help="follow the logs until the job ends")
@@ -95,6 +104,8 @@ def submit(args: argparse.Namespace) -> int:
     from pipeline.tracking.secrets import redact_uri, runtime_env_vars
     from pipeline.tracking.tracker import mlflow_settings
 
+    if args.config in OTHER_VERBS:
+        return submit_verb(args)
     try:
         cfg = load_config(args.config, args.overrides)  # paths absolute: jobs run elsewhere
     except ConfigError as err:
@@ -126,6 +137,60 @@ def submit(args: argparse.Namespace) -> int:
     if args.wait:
         return follow(args.address, job_id)
     return 0
+
+
+def submit_verb(args: argparse.Namespace) -> int:
+    """`progan submit tune|prepare ...`: check the command here, then submit it as a job."""
+    import time
+
+    import yaml
+
+    from pipeline.cli import build_parser
+    from pipeline.config import ConfigError, absolute_paths
+    from pipeline.driver.ray_session import RAY_ENV, project_modules
+    from pipeline.tracking.secrets import redact_uri, runtime_env_vars
+    from pipeline.tracking.tracker import mlflow_settings
+
+    verb, words = args.config, list(args.overrides)
+    try:
+        parsed = build_parser().parse_args([verb, *words])  # a bad option: usage, exit 2
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    if getattr(parsed, "address", None):
+        print(f"error: the job runs on the cluster: give `progan {verb}` no --address")
+        return 2
+    job_dir = Path(tempfile.mkdtemp(prefix="progan-job-"))
+    name = time.strftime("%Y%m%d-%H%M%S")
+    if verb == "tune":
+        from pipeline.search.spec import build_sweep, load_spec_dict
+
+        if parsed.resume or parsed.dry_run or not parsed.spec:
+            print("error: submit a new sweep (SPEC [overrides] [--name]); resume it with "
+                  "`progan tune --resume DIR` on the cluster")  # fmt: skip
+            return 2
+        try:
+            raw = load_spec_dict(parsed.spec, parsed.overrides)
+            raw["name"] = parsed.name or raw["name"]
+            raw["base"] = absolute_paths(raw.get("base") or {})  # the job runs elsewhere
+            build_sweep(raw)  # everything checked before the cluster is contacted
+        except ConfigError as err:
+            print(f"config error: {err}")
+            return 2
+        name = raw["name"]
+        (job_dir / "spec.yaml").write_text(redact_uri(yaml.safe_dump(raw, sort_keys=False)))
+        command = [args.python, "-m", "pipeline.cli", "tune", "spec.yaml"]
+    else:
+        command = [args.python, "-m", "pipeline.cli", verb, *words]
+    env = runtime_env_vars({**RAY_ENV, **mlflow_settings()})
+    job_id = client(args.address).submit_job(
+        entrypoint=shlex.join(command),
+        submission_id=submission_id(args.address, f"{verb}-{name}"),
+        runtime_env={"working_dir": str(job_dir), "py_modules": project_modules(), "env_vars": env},
+        metadata={"verb": verb},
+    )
+    print(job_id)
+    print(f"follow it: progan logs {job_id} --follow --address {args.address}")
+    return follow(args.address, job_id) if args.wait else 0
 
 
 def follow(address: str, job_id: str) -> int:
