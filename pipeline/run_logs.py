@@ -5,10 +5,11 @@ A run prints what its user needs (the plan, progress, warnings, the result); wha
 MLflow say about themselves (worker groups, process groups, checkpoint reports, database
 migrations, system-metrics monitors) goes to `<folder>/driver.log` (the driver's Python
 loggers, and the traceback of any failure) and `<folder>/workers.log` (every Ray worker's
-and actor's output, which Ray streams to the driver). `verbose` keeps all of it on the
-console as well. Warnings of the project's own loggers reach the console either way. Both
-files get every line through `pipeline.tracking.secrets.redact` (URI passwords and the
-values of secret variables masked), as the console does.
+and actor's output, which Ray streams to the driver), and so do other packages' Python
+warnings and every Python logger's records. What the project tells its user is printed by
+its rich console and is unaffected. `verbose` keeps all of the chatter on the console too.
+Both files get every line through `pipeline.tracking.secrets.redact` (URI passwords and
+the values of secret variables masked), as the console does.
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ class RunLogs:
         handler.setFormatter(RedactingFormatter(FORMAT))
         handler.setLevel(logging.DEBUG if self.verbose else logging.INFO)
         self._handler = handler
+        if not self.verbose:  # other packages' warnings (DeprecationWarning...) to the log too
+            logging.captureWarnings(True)
         logging.getLogger().addHandler(handler)  # ours and anything that propagates
         log.setLevel(logging.INFO)
         for name in CHATTY:
@@ -154,6 +157,7 @@ class RunLogs:
             self._handler.close()
         if not self.verbose:
             self._mlflow_stream(enabled=True)
+            logging.captureWarnings(False)
         for key, value in self._env.items():
             if value is None:
                 os.environ.pop(key, None)
