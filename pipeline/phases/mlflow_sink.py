@@ -120,3 +120,17 @@ def start_system_metrics(
     except Exception as err:  # e.g. psutil missing: training goes on without them
         log.warning("no system metrics: %s", err)
         return None
+
+
+def finish_system_metrics(monitor: Any) -> None:
+    """Stop the monitor. A phase shorter than one sampling interval still gets one sample:
+    MLflow's loop drops what it collected when it is stopped before its first wait ends
+    (seen on the demo's 8x8 phases, a second long on an idle machine)."""
+    monitor.finish()
+    try:
+        if getattr(monitor, "_logging_step", 1) == 0:  # nothing published yet
+            monitor.collect_metrics()
+            monitor.publish_metrics(monitor.aggregate_metrics())
+            monitor.mlflow_logger.flush()
+    except Exception as err:  # system metrics never stop a phase
+        log.warning("no system metrics for this short phase: %s", err)

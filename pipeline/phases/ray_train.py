@@ -112,7 +112,11 @@ class RayTrainSink(PhaseSink):
 
 def phase_worker(config: dict[str, Any]) -> None:
     """Train one phase (`config["job"]`, a PhaseJob); runs on every Ray Train worker."""
-    from pipeline.phases.mlflow_sink import MlflowPhaseSink, start_system_metrics
+    from pipeline.phases.mlflow_sink import (
+        MlflowPhaseSink,
+        finish_system_metrics,
+        start_system_metrics,
+    )
 
     job: PhaseJob = config["job"]
     cfg, ctx = job.cfg, ray.train.get_context()
@@ -155,7 +159,7 @@ def phase_worker(config: dict[str, Any]) -> None:
         return
     finally:
         if monitor is not None:
-            monitor.finish()
+            finish_system_metrics(monitor)
 
 
 def fit_phase(
