@@ -17,8 +17,11 @@ preflight, storage or run folder in use, the dataset changed): nothing was train
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -111,3 +114,19 @@ def say(console, failure: Failure, log_file: Path | None, next_step: str | None)
         parts.append(f"then: {next_step}")
     console.print(f"[red]{failure.label}:[/] " + "; ".join(parts), highlight=False, soft_wrap=True)
     return failure.code
+
+
+def report(
+    console: Any, error: Exception, logs: Any, next_step: Callable[[Failure], str | None]
+) -> int:
+    """A command's failure: the traceback into `logs` (pipeline.run_logs.RunLogs, or None),
+    the one line on the console with `next_step(failure)`; returns the exit code."""
+    if logs is not None:
+        logs.record_failure(error)
+    failure = classify(error)
+    return say(console, failure, logs.driver_log if logs is not None else None, next_step(failure))
+
+
+def verbose(args: argparse.Namespace) -> bool:
+    """`-v`: show Ray's and MLflow's own output on the console too (pipeline.run_logs)."""
+    return bool(getattr(args, "verbose", False))

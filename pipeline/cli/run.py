@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from pipeline.cli.failures import verbose
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `run` and `resume` subcommands."""
@@ -42,25 +44,20 @@ def run(args: argparse.Namespace) -> int:
     return run_config(cfg, args.run_id, args.dry_run, console, verbose(args))
 
 
-def verbose(args: argparse.Namespace) -> bool:
-    """`-v`: show Ray's and MLflow's own output on the console too."""
-    return bool(getattr(args, "verbose", False))
-
-
 def console_for_run():
     from rich.console import Console
 
     return Console(soft_wrap=True)
 
 
-def run_config(cfg, run_id: str | None, dry_run: bool, console, verbose: bool = False) -> int:
+def run_config(cfg, run_id: str | None, dry_run: bool, console, chatty: bool = False) -> int:
     """Dry-run or run a validated config; Ctrl-C (or SIGTERM) leaves a resumable run. Ray's
     and MLflow's chatter goes to the run folder's logs/ (pipeline.run_logs) unless
-    `verbose`; a failure is one line with the log's path, the next command and its exit
+    `chatty` (-v); a failure is one line with the log's path, the next command and its exit
     code (pipeline.cli.failures)."""
     import signal
 
-    from pipeline.cli.failures import EXIT_INTERRUPTED, classify, say
+    from pipeline.cli.failures import EXIT_INTERRUPTED, report
     from pipeline.config import ConfigError, dump_config
     from pipeline.dataset import ensure_dataset
     from pipeline.driver.run import run_pipeline
@@ -86,18 +83,20 @@ def run_config(cfg, run_id: str | None, dry_run: bool, console, verbose: bool = 
             return 2
         return 0
     signal.signal(signal.SIGTERM, interrupt)  # `ray job stop`, kill: like Ctrl-C
-    with RunLogs(run_dir / LOG_DIR, verbose) as logs:
+    with RunLogs(run_dir / LOG_DIR, chatty) as logs:
         try:
             result = run_pipeline(cfg, run_id, console)
         except KeyboardInterrupt:
             console.print(f"\n[yellow]interrupted[/]: continue with `progan resume {run_dir}`")
             return EXIT_INTERRUPTED
         except Exception as err:
-            logs.record_failure(err)
-            failure = classify(err)
-            resumable = (run_dir / CONFIG_FILE).is_file() and failure.code != 2
-            next_step = next_step_after(failure.code, run_dir) if resumable else None
-            return say(console, failure, logs.driver_log, next_step)
+            resumable = (run_dir / CONFIG_FILE).is_file()
+            return report(
+                console,
+                err,
+                logs,
+                lambda f: next_step_after(f.code, run_dir) if resumable and f.code != 2 else None,
+            )
     if all(r["status"] != "trained" for r in result.phases):
         console.print("all phases done earlier: nothing to train")
     console.print(f"\n[bold green]done[/]: run {result.run_id}")

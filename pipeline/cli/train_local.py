@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     """Validate the config, train, print where the results are; config errors exit 2."""
     from rich.console import Console
 
-    from pipeline.cli.failures import EXIT_INTERRUPTED, classify, say
+    from pipeline.cli.failures import EXIT_INTERRUPTED, report, verbose
     from pipeline.config import ConfigError, load_config
     from pipeline.driver.run_dir import LOG_DIR
     from pipeline.phases.local import train_local
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     out = Path(args.out or Path(cfg.run.root) / f"local-{Path(args.config).stem}")
     again = f"`progan train-local {args.config} --out {out}` again (it continues)"
-    with RunLogs(out / LOG_DIR, bool(getattr(args, "verbose", False)), ray=False) as logs:
+    with RunLogs(out / LOG_DIR, verbose(args), ray=False) as logs:
         try:
             result = train_local(
                 cfg,
@@ -64,9 +64,7 @@ def run(args: argparse.Namespace) -> int:
             console.print(f"\n[yellow]interrupted[/]: continue with {again}", highlight=False)
             return EXIT_INTERRUPTED
         except Exception as err:
-            logs.record_failure(err)
-            failure = classify(err)
-            return say(console, failure, logs.driver_log, None if failure.code == 2 else again)
+            return report(console, err, logs, lambda f: None if f.code == 2 else again)
     s = result.summary
     state = "complete" if s["complete"] else f"stopped at {s['images_shown']} images"
     console.print(f"\n[bold green]done[/] ({state})", highlight=False)

@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.markup import escape
 
-    from pipeline.cli.failures import classify, say
+    from pipeline.cli.failures import report, verbose
     from pipeline.config import ConfigError
     from pipeline.driver.run_dir import LOG_DIR
     from pipeline.run_logs import RunLogs
@@ -46,7 +46,6 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.tracking.secrets import redact_uri
 
     console = Console(soft_wrap=True)
-    verbose = bool(getattr(args, "verbose", False))
     try:
         if args.resume:
             if args.spec or args.overrides:
@@ -63,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as err:
         console.print(f"[red]config error:[/] {escape(str(err))}", highlight=False)
         return 2
-    logs = RunLogs(folder / LOG_DIR, verbose) if (folder.is_dir() or not args.resume) else None
+    logs = RunLogs(folder / LOG_DIR, verbose(args)) if folder.is_dir() or not args.resume else None
     with logs or contextlib.nullcontext():
         try:
             if args.resume:
@@ -71,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
                     args.resume, args.address, console, retry_errored=args.retry_errored
                 )
             else:
-                result = tune.start_sweep(sweep, args.address, console, verbose)
+                result = tune.start_sweep(sweep, args.address, console, verbose(args))
         except ConfigError as err:
             console.print(f"[red]config error:[/] {escape(str(err))}", highlight=False)
             return 2
@@ -82,11 +81,7 @@ def run(args: argparse.Namespace) -> int:
             console.print(f"[yellow]interrupted[/]: continue with `progan tune --resume {folder}`")
             return 130
         except Exception as err:
-            if logs is not None:
-                logs.record_failure(err)
-            failure = classify(err)
-            log_file = logs.driver_log if logs is not None else None
-            return say(console, failure, log_file, f"`progan tune --resume {folder}`")
+            return report(console, err, logs, lambda _: f"`progan tune --resume {folder}`")
     console.print(f"\n[bold green]sweep done[/] in {result.wall_s:.0f} s: {result.sweep_dir}")
     if result.best_config:
         console.print(f"  best config   : {result.best_config}")
