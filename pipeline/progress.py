@@ -89,17 +89,28 @@ class Progress:
             f"elapsed {clock(self.elapsed_s)} · ETA {clock(self.eta_s(self.run_end))}"
         )
 
+    @property
+    def phase_images(self) -> str:
+        """ "done/total images" of the phase (the last batch may overrun its end)."""
+        done = min(self.images, self.phase_end) - self.phase_start
+        return f"{done:,}/{self.phase_end - self.phase_start:,} images"
+
+    @property
+    def losses(self) -> str:
+        """The latest losses, or "" before the phase's first log point."""
+        if self.d_loss is None or self.g_loss is None:
+            return ""
+        return f"d_loss {self.d_loss:.3f} g_loss {self.g_loss:.3f}"
+
     def phase_line(self) -> str:
-        done = min(self.images, self.phase_end) - self.phase_start  # the last batch may overrun
-        total = self.phase_end - self.phase_start
         parts = [
             f"{self.phase} {self.resolution}x{self.resolution} alpha {self.alpha:.2f}",
-            f"{done:,}/{total:,} images",
+            self.phase_images,
             f"{self.images_per_s:,.0f} img/s",
             f"ETA {clock(self.eta_s(self.phase_end))}",
         ]
-        if self.d_loss is not None and self.g_loss is not None:
-            parts.append(f"d_loss {self.d_loss:.3f} g_loss {self.g_loss:.3f}")
+        if self.losses:
+            parts.append(self.losses)
         if self.swd is not None:
             parts.append(f"SWD {self.swd:.1f}")
         if self.state not in ("training", "starting"):
@@ -109,17 +120,13 @@ class Progress:
     def plain_line(self) -> str:
         """The line printed per log point without a terminal."""
         stamp = time.strftime("%H:%M:%S", time.localtime(self.updated))
-        return (
-            f"{stamp} {self.phase} ({self.phase_index + 1}/{self.phases}) "
-            f"alpha {self.alpha:.2f} | {min(self.images, self.phase_end) - self.phase_start:,}/"
-            f"{self.phase_end - self.phase_start:,} images | {self.images_per_s:,.0f} img/s | "
-            f"ETA phase {clock(self.eta_s(self.phase_end))}, run {clock(self.eta_s(self.run_end))}"
-            + (
-                f" | d_loss {self.d_loss:.3f} g_loss {self.g_loss:.3f}"
-                if self.d_loss is not None and self.g_loss is not None
-                else ""
-            )
-        )
+        parts = [
+            f"{stamp} {self.phase} ({self.phase_index + 1}/{self.phases}) alpha {self.alpha:.2f}",
+            self.phase_images,
+            f"{self.images_per_s:,.0f} img/s",
+            f"ETA phase {clock(self.eta_s(self.phase_end))}, run {clock(self.eta_s(self.run_end))}",
+        ]
+        return " | ".join([*parts, self.losses] if self.losses else parts)
 
 
 def clock(seconds: float | None) -> str:
@@ -206,6 +213,13 @@ class ProgressDisplay:
             self.progress.swd = float(metrics["SWDx1e3_avg"])
         self.progress.state = "training"
         self._show(print_line=False)
+
+    def close_after(self, error: BaseException, hint: str = "") -> None:
+        """The run ended with `error`: stopped (Ctrl-C, SIGTERM, a scheduler's exit) or
+        failed; the error and `hint` (what to type next) kept in progress.json."""
+        stopped = isinstance(error, KeyboardInterrupt | SystemExit)
+        message = f"{type(error).__name__}: {str(error)[:300]}" + (f"; {hint}" if hint else "")
+        self.close("stopped" if stopped else "failed", message)
 
     def close(self, state: str, message: str = "") -> None:
         """The run ended: done, stopped (Ctrl-C, a budget) or failed."""

@@ -186,10 +186,7 @@ def _run_locked(
     except BaseException as err:
         # stopped (Ctrl-C, SIGTERM, a Tune scheduler's sys.exit) vs broken
         status = "KILLED" if isinstance(err, KeyboardInterrupt | SystemExit) else "FAILED"
-        display.close(
-            "stopped" if status == "KILLED" else "failed",
-            f"{type(err).__name__}: {str(err)[:300]}; continue with `progan resume {run_dir}`",
-        )
+        display.close_after(err, f"continue with `progan resume {run_dir}`")
         for run in (ps.child_run_id if ps and not ps.done else None, state.parent_run_id):
             problem = tracker.try_finish(run, status) if run else None
             if problem:

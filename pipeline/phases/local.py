@@ -284,8 +284,7 @@ def train_local(
     try:
         stopped_in = train_phases(cfg, trainer, sink, origin, eval_every_phase)
     except BaseException as err:
-        state = "stopped" if isinstance(err, KeyboardInterrupt) else "failed"
-        sink.display.close(state, f"{type(err).__name__}: {str(err)[:300]}")
+        sink.display.close_after(err)
         raise
     sink.display.close("done" if trainer.images_shown >= cfg.plan[-1].end_images else "stopped")
     return write_summary(cfg, out, trainer, sink.book, stopped_in, time.perf_counter() - started)
