@@ -96,13 +96,8 @@ def client(address: str):
 
 def submit(args: argparse.Namespace) -> int:
     """Validate locally, then submit; prints the job id."""
-    import yaml
-
     from pipeline.config import ConfigError, load_config
-    from pipeline.driver.ray_session import RAY_ENV, project_modules
     from pipeline.driver.run_dir import check_run_id, new_run_id
-    from pipeline.tracking.secrets import redact_uri, runtime_env_vars
-    from pipeline.tracking.tracker import mlflow_settings
 
     if args.config in OTHER_VERBS:
         return submit_verb(args)
@@ -116,40 +111,19 @@ def submit(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"config error: {err}")
         return 2
-    job_dir = Path(tempfile.mkdtemp(prefix="progan-job-"))
-    raw = cfg.model_dump(mode="json")
-    (job_dir / "config.yaml").write_text(redact_uri(yaml.safe_dump(raw, sort_keys=False)))
-    modules = project_modules()
-    # MLflow's settings here (tracking URI, auth variables) are the job's too; a secret as
-    # a `${NAME}` reference that the head node's Ray expands (tracking.secrets)
-    env = runtime_env_vars({**RAY_ENV, **mlflow_settings()})
+    job_dir = job_folder({"config.yaml": cfg.model_dump(mode="json")})
     command = [args.python, "-m", "pipeline.cli", "run", "config.yaml", "--run-id", run_id]
-    job_id = client(args.address).submit_job(
-        entrypoint=shlex.join(command),
-        # a job id is used once: a resubmission of the same run id (which resumes it) gets
-        # its own, the first one keeps the plain name
-        submission_id=submission_id(args.address, run_id),
-        runtime_env={"working_dir": str(job_dir), "py_modules": modules, "env_vars": env},
-        metadata={"run_id": run_id},
-    )
-    print(job_id)
-    print(f"follow it: progan logs {job_id} --follow --address {args.address}")
-    if args.wait:
-        return follow(args.address, job_id)
-    return 0
+    # a job id is used once: a resubmission of the same run id (which resumes it) gets its
+    # own, the first one keeps the plain name
+    return submit_job(args, job_dir, command, run_id, {"run_id": run_id})
 
 
 def submit_verb(args: argparse.Namespace) -> int:
     """`progan submit tune|prepare ...`: check the command here, then submit it as a job."""
     import time
 
-    import yaml
-
     from pipeline.cli import build_parser
     from pipeline.config import ConfigError, absolute_paths
-    from pipeline.driver.ray_session import RAY_ENV, project_modules
-    from pipeline.tracking.secrets import redact_uri, runtime_env_vars
-    from pipeline.tracking.tracker import mlflow_settings
 
     verb, words = args.config, list(args.overrides)
     try:
@@ -159,34 +133,63 @@ def submit_verb(args: argparse.Namespace) -> int:
     if getattr(parsed, "address", None):
         print(f"error: the job runs on the cluster: give `progan {verb}` no --address")
         return 2
-    job_dir = Path(tempfile.mkdtemp(prefix="progan-job-"))
-    name = time.strftime("%Y%m%d-%H%M%S")
-    if verb == "tune":
-        from pipeline.search.spec import build_sweep, load_spec_dict
-
-        if parsed.resume or parsed.dry_run or not parsed.spec:
-            print("error: submit a new sweep (SPEC [overrides] [--name]); resume it with "
-                  "`progan tune --resume DIR` on the cluster")  # fmt: skip
-            return 2
-        try:
-            raw = load_spec_dict(parsed.spec, parsed.overrides)
-            raw["name"] = parsed.name or raw["name"]
-            raw["base"] = absolute_paths(raw.get("base") or {})  # the job runs elsewhere
-            build_sweep(raw)  # everything checked before the cluster is contacted
-        except ConfigError as err:
-            print(f"config error: {err}")
-            return 2
-        name = raw["name"]
-        (job_dir / "spec.yaml").write_text(redact_uri(yaml.safe_dump(raw, sort_keys=False)))
-        command = [args.python, "-m", "pipeline.cli", "tune", "spec.yaml"]
-    else:
+    if verb == "prepare":
         command = [args.python, "-m", "pipeline.cli", verb, *words]
+        return submit_job(
+            args,
+            job_folder({}),
+            command,
+            f"{verb}-{time.strftime('%Y%m%d-%H%M%S')}",
+            {"verb": verb},
+        )
+    from pipeline.search.spec import build_sweep, load_spec_dict
+
+    if parsed.resume or parsed.dry_run or not parsed.spec:
+        print("error: submit a new sweep (SPEC [overrides] [--name]); resume it with "
+              "`progan tune --resume DIR` on the cluster")  # fmt: skip
+        return 2
+    try:
+        raw = load_spec_dict(parsed.spec, parsed.overrides)
+        raw["name"] = parsed.name or raw["name"]
+        raw["base"] = absolute_paths(raw.get("base") or {})  # the job runs elsewhere
+        build_sweep(raw)  # everything checked before the cluster is contacted
+    except ConfigError as err:
+        print(f"config error: {err}")
+        return 2
+    command = [args.python, "-m", "pipeline.cli", "tune", "spec.yaml"]
+    return submit_job(
+        args, job_folder({"spec.yaml": raw}), command, f"tune-{raw['name']}", {"verb": verb}
+    )
+
+
+def job_folder(files: dict[str, dict]) -> Path:
+    """A new temporary working dir for a job holding `files` as YAML (without passwords)."""
+    import yaml
+
+    from pipeline.tracking.secrets import redact_uri
+
+    folder = Path(tempfile.mkdtemp(prefix="progan-job-"))
+    for name, content in files.items():
+        (folder / name).write_text(redact_uri(yaml.safe_dump(content, sort_keys=False)))
+    return folder
+
+
+def submit_job(
+    args: argparse.Namespace, job_dir: Path, command: list[str], name: str, metadata: dict
+) -> int:
+    """Submit `command` from `job_dir` with the project's packages and MLflow's settings here
+    (each secret as a `${NAME}` reference the head node's Ray expands, tracking.secrets) as
+    job `progan-<name>`; print its id; with --wait, follow it to its end."""
+    from pipeline.driver.ray_session import RAY_ENV, project_modules
+    from pipeline.tracking.secrets import runtime_env_vars
+    from pipeline.tracking.tracker import mlflow_settings
+
     env = runtime_env_vars({**RAY_ENV, **mlflow_settings()})
     job_id = client(args.address).submit_job(
         entrypoint=shlex.join(command),
-        submission_id=submission_id(args.address, f"{verb}-{name}"),
+        submission_id=submission_id(args.address, name),
         runtime_env={"working_dir": str(job_dir), "py_modules": project_modules(), "env_vars": env},
-        metadata={"verb": verb},
+        metadata=metadata,
     )
     print(job_id)
     print(f"follow it: progan logs {job_id} --follow --address {args.address}")
