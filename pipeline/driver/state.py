@@ -70,6 +70,17 @@ class RunState:
     def phase(self, index: int) -> PhaseState:
         return self.phases.setdefault(str(index), PhaseState())
 
+    def in_order(self) -> list[PhaseState]:
+        """The phases recorded so far, by index."""
+        return [self.phases[k] for k in sorted(self.phases, key=int)]
+
+    def final_metrics(self) -> dict[str, float]:
+        """The latest value of each end-of-phase metric over the run."""
+        metrics: dict[str, float] = {}
+        for phase in self.in_order():
+            metrics.update(phase.evaluation)
+        return metrics
+
     @classmethod
     def load(cls, path: Path) -> RunState:
         raw = json.loads(path.read_text())

@@ -122,52 +122,50 @@ def provenance_of(ckpt: str, tracking_uri: str | None, data_licence: str | None)
     if is_model_uri(ckpt):
         found.update(_from_registry(str(ckpt), tracking_uri))
         return found
+    from pipeline.driver.run_dir import STATE_FILE
+
     path = Path(ckpt)
     run_dir = path if path.is_dir() else path.parent
-    if (run_dir / "state.json").is_file():
+    if (run_dir / STATE_FILE).is_file():
         found.update(_from_run_dir(run_dir))
     return found
 
 
 def _from_run_dir(run_dir: Path) -> dict[str, Any]:
-    import yaml
+    from pipeline.config import load_config_dict
+    from pipeline.driver.run_dir import CONFIG_FILE, STATE_FILE
+    from pipeline.driver.state import RunState
+    from preprocessing.lmdb_store import read_manifest
 
-    state = json.loads((run_dir / "state.json").read_text())
-    phases = [state["phases"][k] for k in sorted(state.get("phases", {}), key=int)]
-    metrics: dict[str, float] = {}
-    for phase in phases:
-        metrics.update(phase.get("evaluation") or {})
+    state = RunState.load(run_dir / STATE_FILE)
+    phases = state.in_order()
     out: dict[str, Any] = {
-        "run": f"{state.get('run_id')} (MLflow run {state.get('parent_run_id')})",
-        "checkpoint": phases[-1].get("checkpoint") if phases else None,
-        "metrics": metrics,
+        "run": f"{state.run_id} (MLflow run {state.parent_run_id})",
+        "checkpoint": phases[-1].checkpoint if phases else None,
+        "metrics": state.final_metrics(),
     }
-    config = run_dir / "config.yaml"
-    if config.is_file():
-        dataset = (yaml.safe_load(config.read_text()).get("data") or {}).get("dataset")
-        manifest = Path(str(dataset)) / "manifest.json"
+    if (run_dir / CONFIG_FILE).is_file():
+        dataset = (load_config_dict(run_dir / CONFIG_FILE).get("data") or {}).get("dataset")
         out["dataset"] = str(dataset)
-        if manifest.is_file():
-            m = json.loads(manifest.read_text())
-            source = m.get("source") or {}
-            where = source.get("path", "?") if isinstance(source, dict) else source
-            out["dataset"] = f"{dataset} ({m.get('records')} faces prepared from {where})"
+        try:
+            m = read_manifest(str(dataset))
+        except FileNotFoundError:
+            return out
+        source = m.get("source") or {}
+        where = source.get("path", "?") if isinstance(source, dict) else source
+        out["dataset"] = f"{dataset} ({m.get('records')} faces prepared from {where})"
     return out
 
 
 def _from_registry(model_uri: str, tracking_uri: str | None) -> dict[str, Any]:
     from mlflow.tracking import MlflowClient
 
+    from pipeline.tools.model_uri import registered_version
     from pipeline.tracking.tracker import resolve_uri
 
     uri = resolve_uri(tracking_uri, "runs")
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    name, _, ref = model_uri.removeprefix("models:/").partition("/")
-    if "@" in name:
-        name, alias = name.split("@", 1)
-        version = client.get_model_version_by_alias(name, alias)
-    else:
-        version = client.get_model_version(name, ref)
+    name, version = registered_version(client, model_uri)
     tags = version.tags or {}
     metrics = {
         k.removeprefix("metric."): float(v) for k, v in tags.items() if k.startswith("metric.")

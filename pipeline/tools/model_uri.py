@@ -7,6 +7,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 GENERATOR_FILE = "generator.pt"  # in every registered version (pipeline.tools.registry)
 WHERE = ("artifacts", "extra_files")  # the pyfunc's artifact; older versions' PyTorch model
@@ -15,6 +16,17 @@ WHERE = ("artifacts", "extra_files")  # the pyfunc's artifact; older versions' P
 def is_model_uri(text: str | os.PathLike) -> bool:
     """True for `models:/NAME/VERSION` and `models:/NAME@ALIAS`."""
     return str(text).startswith("models:/")
+
+
+def registered_version(client: Any, model_uri: str) -> tuple[str, Any]:
+    """(name, MLflow ModelVersion) that `models:/NAME/VERSION` or `models:/NAME@ALIAS`
+    names; MLflow's error when there is none."""
+    ref = model_uri.removeprefix("models:/")
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        return name, client.get_model_version_by_alias(name, alias)
+    name, _, number = ref.partition("/")
+    return name, client.get_model_version(name, number)
 
 
 @contextmanager

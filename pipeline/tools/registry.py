@@ -154,16 +154,11 @@ def promote(uri: str, model: str, alias: str = CHAMPION) -> tuple[RegisteredVers
     from mlflow.tracking import MlflowClient
 
     from pipeline.tools.generator import ToolError
+    from pipeline.tools.model_uri import registered_version
 
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    ref = model.removeprefix("models:/")
     try:
-        if "@" in ref:
-            name, source_alias = ref.split("@", 1)
-            version = client.get_model_version_by_alias(name, source_alias)
-        else:
-            name, _, number = ref.partition("/")
-            version = client.get_model_version(name, number)
+        name, version = registered_version(client, model)
         try:
             before = client.get_model_version_by_alias(name, alias).version
         except MlflowException:
@@ -181,14 +176,11 @@ def publish_generator(cfg: Any, tracker: Any, state: Any, generator: Path, conso
     training is done and generator.pt is in the run directory."""
     name = cfg.tracking.registered_model
     name = cfg.tracking.experiment if name is None else name
-    phases = [state.phases[k] for k in sorted(state.phases, key=int)]
-    metrics: dict[str, float] = {}
-    for phase in phases:  # the latest value of each metric
-        metrics.update(phase.evaluation)
+    phases = state.in_order()
     tags = {
         "run_id": state.run_id,
         "checkpoint": phases[-1].checkpoint if phases else "",
-        **{f"metric.{k}": f"{v:.6g}" for k, v in metrics.items()},
+        **{f"metric.{k}": f"{v:.6g}" for k, v in state.final_metrics().items()},
     }
     try:
         done = log_generator(tracker.uri, state.parent_run_id, generator, name, tags)
