@@ -16,6 +16,7 @@ from rich.console import Console
 
 from pipeline.phases.tune_trial import TIME_ATTR
 from pipeline.progress import clock
+from pipeline.search.summary import status_of
 
 
 class TrialProgress(Callback):
@@ -53,8 +54,11 @@ class TrialProgress(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}
         kimg = float(last.get(TIME_ATTR, 0.0))
-        how = "finished" if kimg >= self.total - 1e-6 else f"stopped early at {kimg:.2f} kimg"
-        self.say(f"trial {trial.trial_id}: {how}")
+        done = status_of(last, False, self.total) == "completed"
+        self.say(
+            f"trial {trial.trial_id}: "
+            + ("finished" if done else f"stopped early at {kimg:.2f} kimg")
+        )
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.say(f"trial {trial.trial_id}: failed (its error is in the sweep's logs)")
