@@ -155,6 +155,14 @@ def recorded_checkpoints(snapshot_glob: str) -> list[str]:
     return []
 
 
+def progan_command(*args: str, fault: tuple[str, ...] = ()) -> list[str]:
+    """`progan ARGS` (the console script), or with a fault installed: `python -m
+    tests.fault_cli FAULT -- ARGS`."""
+    if fault:
+        return [sys.executable, "-m", "tests.fault_cli", *fault, "--", *args]
+    return [str(Path(sys.executable).parent / "progan"), *args]
+
+
 def worker_fault(kind: str, at: int, driver_group: int, recorded: str | None = None):
     """A `phase_worker` that kills the run at a point: "mid-step" (after the step that
     reaches `at` images), "checkpoint-write" (half-way through writing the state.pt of the

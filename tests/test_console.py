@@ -20,6 +20,7 @@ import pytest
 
 from pipeline.cli.failures import EXIT_CLUSTER, EXIT_TRACKING, EXIT_TRAINING
 from pipeline.config import dump_config
+from tests import faults
 from tests.cluster_harness import free_port
 from tests.conftest import REPO_ROOT
 from tests.pipeline_helpers import make_tiny_dataset, tiny_pipeline_config
@@ -53,11 +54,8 @@ def dataset(tmp_path_factory):
 
 def start(*args: str, fault: tuple[str, ...] = ()) -> subprocess.Popen:
     """`progan ARGS` as typed (or with a test fault installed), in its own process group."""
-    command = [PROGAN, *args]
-    if fault:
-        command = [sys.executable, "-m", "tests.fault_cli", *fault, "--", *args]
     return subprocess.Popen(
-        command,
+        faults.progan_command(*args, fault=fault),
         cwd=REPO_ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -15,7 +15,6 @@ import io
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -50,10 +49,7 @@ def dataset(tmp_path_factory):
 def progan(*args: str, fault: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """`progan ARGS` (the console script), or with a fault: `python -m tests.fault_cli`;
     in its own process group, so that a kill -9 of it takes its Ray along."""
-    if fault:
-        command = [sys.executable, "-m", "tests.fault_cli", *fault, "--", *args]
-    else:
-        command = [str(Path(sys.executable).parent / "progan"), *args]
+    command = faults.progan_command(*args, fault=fault)
     proc = subprocess.Popen(
         command,
         cwd=REPO_ROOT,
