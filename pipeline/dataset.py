@@ -10,15 +10,17 @@ from pathlib import Path
 
 from rich.console import Console
 
-from pipeline.config import BUILTIN_SAMPLE_FACES, ConfigError, PipelineConfig
+from pipeline.config import BUILTIN_SAMPLE_FACES, ConfigError, PipelineConfig, is_uri
+from preprocessing.object_store import display
 
 
 def ensure_dataset(cfg: PipelineConfig, console: Console | None) -> None:
-    """Prepare `data.dataset` from `data.source` if needed; check every planned LMDB."""
+    """Prepare `data.dataset` (a folder or a URI) from `data.source` if needed; check that
+    it has every planned resolution (in object storage: without downloading)."""
     from preprocessing.lmdb_store import MANIFEST, available_resolutions
 
-    dataset = Path(cfg.data.dataset)
-    if not (dataset / MANIFEST).is_file():
+    dataset = cfg.data.dataset
+    if not is_finished(dataset):
         if cfg.data.source is None:
             raise ConfigError(
                 f"data.dataset: {dataset} is not a prepared dataset (no {MANIFEST}) and "
@@ -34,6 +36,33 @@ def ensure_dataset(cfg: PipelineConfig, console: Console | None) -> None:
             f"{have}); prepare it with --resolution {cfg.model.resolution}"
         )
     check_enough_for_evaluation(cfg)
+
+
+def is_finished(dataset: str) -> bool:
+    """The dataset (a folder or a URI) has its manifest: it is complete."""
+    from preprocessing.lmdb_store import read_manifest
+
+    try:
+        read_manifest(dataset)
+    except FileNotFoundError:
+        return False
+    except OSError as err:  # object storage that does not answer
+        raise ConfigError(
+            f"data.dataset: {display(dataset)} is not reachable ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:160]})"
+        ) from None
+    return True
+
+
+def local_dataset(cfg: PipelineConfig, resolutions: list[int]) -> str:
+    """`data.dataset` as a folder this process reads: the folder itself, or (object
+    storage) this node's staged copy of `resolutions` (see preprocessing.staging)."""
+    from preprocessing.staging import stage
+
+    if not is_uri(cfg.data.dataset):
+        return cfg.data.dataset
+    max_bytes = int(cfg.data.cache_max_gb * 1e9)
+    return str(stage(cfg.data.dataset, resolutions, cfg.data.cache_dir, max_bytes))
 
 
 def check_enough_for_evaluation(cfg: PipelineConfig) -> None:

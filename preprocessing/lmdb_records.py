@@ -145,7 +145,12 @@ def write_manifest(dataset_dir: str | os.PathLike, manifest: dict) -> None:
 
 
 def read_manifest(dataset_dir: str | os.PathLike) -> dict:
-    """The manifest of a finished dataset; FileNotFoundError with a clear message if none."""
+    """The manifest of a finished dataset (a folder, or a URI in object storage);
+    FileNotFoundError with a clear message if none."""
+    if "://" in str(dataset_dir):
+        from preprocessing.staging import read_remote_manifest
+
+        return read_remote_manifest(str(dataset_dir))
     path = Path(dataset_dir) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{dataset_dir} has no {MANIFEST}: not a finished prepared dataset")

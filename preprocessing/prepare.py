@@ -33,6 +33,7 @@ from preprocessing.lmdb_store import (
     write_json_atomic,
     write_manifest,
 )
+from preprocessing.object_store import is_uri
 from preprocessing.pyramid import resolutions_down_to_4
 from preprocessing.rejects import Reject, summarize, write_csv
 from preprocessing.resources import WorkerPlan, plan_workers
@@ -186,6 +187,10 @@ def prepare_dataset(
     SourceError for an unusable source, ResourceError for an unschedulable request and
     PrepareError when `out_dir` holds another dataset or a wait timed out.
     """
+    if is_uri(out_dir):
+        kwargs = {"workers": workers, "gpus_per_worker": gpus_per_worker, "address": address}
+        kwargs.update(detector=detector, force=force, progress=progress, timeout_s=timeout_s)
+        return _prepare_into_uri(source, str(out_dir), resolution, **kwargs, **options)
     t_start = time.perf_counter()
     config = make_config(resolution=resolution, detector=detector, **options)
     with contextlib.ExitStack() as stack:
@@ -246,6 +251,50 @@ def prepare_dataset(
         summary.timings = {**stats["timings"], "merge (wall)": merge_s}
         summary.plan = asdict(plan)
         return summary
+
+
+def _prepare_into_uri(source, uri: str, resolution: int, force: bool, **kwargs) -> PrepareSummary:
+    """Prepare into object storage: the same resumable prepare into a local work folder
+    (`<cache>/prepare/<uri hash>`), then `staging.publish` (the manifest last), then the
+    work folder is removed. A dataset already published from the same source and config is
+    confirmed without work; another one at the URI is refused without `force`.
+
+    The work folder is on this machine: on a multi-node Ray cluster the shard workers must
+    see it too (run the prepare on one node, e.g. the head through `progan submit`)."""
+    from preprocessing.object_store import display
+    from preprocessing.staging import (
+        dataset_folder,
+        default_cache_root,
+        publish,
+        read_remote_manifest,
+    )
+
+    t_start = time.perf_counter()
+    try:
+        remote = read_remote_manifest(uri)
+    except FileNotFoundError:
+        remote = None
+    except OSError as err:
+        raise PrepareError(f"{display(uri)} is not reachable from here: {err}") from None
+    local_source = isinstance(source, Source) or Path(source).exists()
+    if remote is not None and remote.get("files") and local_source and not force:
+        options = {k: kwargs[k] for k in kwargs if k in PrepareConfig.model_fields}
+        config = make_config(resolution=resolution, **options)
+        src = open_source(source).limited(config.limit)
+        if remote.get("fingerprint") != dataset_fingerprint(src, config):
+            raise PrepareError(
+                f"{display(uri)} holds a dataset prepared with a different source or config ("
+                f"{_describe_change(remote, src, config)}); use --force to replace it, or "
+                "choose another URI"
+            )
+        return _summary_from_manifest(uri, remote, time.perf_counter() - t_start)
+    work = dataset_folder(default_cache_root() / "prepare", uri)
+    summary = prepare_dataset(source, work, resolution, force=force, **kwargs)
+    publish(work, uri)
+    shutil.rmtree(work, ignore_errors=True)
+    summary.out_dir = display(uri)
+    summary.elapsed_s = time.perf_counter() - t_start
+    return summary
 
 
 def _finalize(out, src, spec, config, run, resolutions, counts, shards) -> PrepareSummary:

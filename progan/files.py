@@ -16,6 +16,7 @@ import fcntl
 import os
 import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -95,13 +96,24 @@ class FolderLock:
         self.fd = fd
         return self
 
+    def wait(self, timeout_s: float, poll_s: float = 0.2) -> FolderLock:
+        """`acquire`, waiting up to `timeout_s` for a holder to let go (then `busy`)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return self.acquire()
+            except self.busy:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(poll_s)
+
     def release(self) -> None:
         if self.fd is not None:
             os.close(self.fd)  # closing drops both kinds of lock
             self.fd = None
 
     def __enter__(self) -> FolderLock:
-        return self.acquire()
+        return self if self.fd is not None else self.acquire()  # held already after `wait`
 
     def __exit__(self, *exc: object) -> None:
         self.release()

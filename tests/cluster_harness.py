@@ -365,6 +365,7 @@ def namespaced_cluster(
     *,
     env: Mapping[str, str] | None = None,
     timeout: float = 120.0,
+    worker_files: Mapping[Path, Path] | None = None,
 ) -> Iterator[ClusterInfo]:
     """A Ray head plus one worker node that cannot see `hidden` nor the head's temp dir.
 
@@ -373,7 +374,9 @@ def namespaced_cluster(
     the worker needs: Ray workers import the driver's modules from its sys.path). `env` is
     added to both nodes' environment (their Ray workers inherit it). The caller joins with
     `ray.init(address=info.address)` and must `ray.shutdown()` before the context exits
-    (done here if forgotten). `timeout` bounds each start-up wait.
+    (done here if forgotten). `timeout` bounds each start-up wait. `worker_files` maps a
+    file the worker node sees to the file it sees there instead (a bind mount, e.g. its own
+    /etc/hosts).
     """
     hidden = [Path(p).resolve() for p in hidden]
     for p in hidden:
@@ -399,6 +402,10 @@ def namespaced_cluster(
         masks = [*hidden, head.temp_dir]
         script = " && ".join(
             [f"mount -t tmpfs -o size=16m tmpfs {shlex.quote(str(p))}" for p in masks]
+            + [
+                f"mount --bind {shlex.quote(str(src))} {shlex.quote(str(dst))}"
+                for dst, src in (worker_files or {}).items()
+            ]
             + ["exec " + shlex.join(worker_cmd)]
         )
         worker = None
@@ -493,7 +500,12 @@ def _wait_for_two_nodes(
 
 @contextlib.contextmanager
 def mlflow_server(
-    backend_dir: Path, *, timeout: float = 120.0, port: int | None = None
+    backend_dir: Path,
+    *,
+    timeout: float = 120.0,
+    port: int | None = None,
+    artifacts_destination: str | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> Iterator[str]:
     """An `mlflow server` on 127.0.0.1 storing under `backend_dir`; yields its URL. Given a
     `port`, it listens there (a server restarted on the same store and address).
@@ -501,6 +513,8 @@ def mlflow_server(
     SQLite backend store, artifacts proxied by the server into `backend_dir/artifacts`
     (`--serve-artifacts` is the default), one uvicorn worker, and no job-execution runner
     (MLflow 3 would otherwise start ~8 huey consumer processes and leave a dir in /dev/shm).
+    `artifacts_destination` (e.g. `s3://bucket/mlflow`) puts them in object storage instead;
+    `env` is added to the server's environment (its credentials and endpoint for it).
     """
     backend_dir = Path(backend_dir).resolve()
     backend_dir.mkdir(parents=True, exist_ok=True)
@@ -510,11 +524,11 @@ def mlflow_server(
     cmd = [
         _tool("mlflow"), "server",
         "--backend-store-uri", f"sqlite:///{backend_dir / 'mlflow.db'}",
-        "--artifacts-destination", str(backend_dir / "artifacts"),
+        "--artifacts-destination", artifacts_destination or str(backend_dir / "artifacts"),
         "--host", LOOPBACK, "--port", str(port),
         "--workers", "1",
     ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | dict(env or {})
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
     proc = None
     try:

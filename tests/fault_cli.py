@@ -4,7 +4,8 @@
 
 KIND is where the run is killed (kill -9 of its process group): in a worker ("mid-step",
 "checkpoint-write", "evaluation": tests.faults.worker_fault; PATH: for "mid-step" and
-"evaluation", a glob of the phase's Ray snapshot that must record a checkpoint first) or in
+"evaluation", a glob of the phase's Ray snapshot that must record a checkpoint first;
+"worker-dies": the last rank exits once at AT images, PATH its marker file) or in
 the driver
 ("after-final-report": after phase AT's fit returned, before its state is written;
 "config-write": half-way through writing config.yaml). "worker-raises": every worker start
@@ -33,6 +34,8 @@ def install(kind: str, at: int, path: str | None) -> None:
     group = os.getpgrp()
     if kind in ("mid-step", "checkpoint-write", "evaluation"):
         ray_train.phase_worker = faults.worker_fault(kind, at, group, path)
+    elif kind == "worker-dies":
+        ray_train.phase_worker = faults.dies_at(at, path)
     elif kind == "worker-raises":
         ray_train.phase_worker = faults.worker_raises
     elif kind == "after-final-report":

@@ -39,7 +39,25 @@ def record_env(config: dict[str, Any]) -> None:
 
 def dies_once(config: dict[str, Any]) -> None:
     """The last rank's process exits (as a crash would) once it has shown
-    `fail_at_images` images; `fail_marker` records that it happened.
+    `fail_at_images` images; `fail_marker` records that it happened (see `crash_once_at`)."""
+    crash_once_at(hooks(config)["fail_at_images"], Path(hooks(config)["fail_marker"]))
+    record_env(config)
+    phase_worker(config)
+
+
+def dies_at(fail_at: int, marker: str):
+    """`dies_once` with its settings given here (for tests.fault_cli, which has no hooks)."""
+
+    def worker(config: dict[str, Any]) -> None:
+        crash_once_at(fail_at, Path(marker))
+        phase_worker(config)
+
+    return worker
+
+
+def crash_once_at(fail_at: int, marker: Path) -> None:
+    """Make the last rank exit once it has shown `fail_at` images, unless `marker` exists
+    (it is written first: on the worker's node, so a restarted worker there runs on).
 
     It waits a second first: Ray Train's controller takes a reported checkpoint into account
     when it next polls the workers (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), so a crash
@@ -48,7 +66,6 @@ def dies_once(config: dict[str, Any]) -> None:
     """
     import progan.trainer
 
-    fail_at, marker = hooks(config)["fail_at_images"], Path(hooks(config)["fail_marker"])
     step = progan.trainer.GANTrainer.step
 
     def train_step(self, reals):
@@ -62,8 +79,6 @@ def dies_once(config: dict[str, Any]) -> None:
         return out
 
     progan.trainer.GANTrainer.step = train_step
-    record_env(config)
-    phase_worker(config)
 
 
 def record_start(config: dict[str, Any]) -> None:

@@ -23,6 +23,7 @@ from progan.files import atomic_file
 PATH_KEYS = (
     ("data", "dataset"),
     ("data", "source"),
+    ("data", "cache_dir"),
     ("run", "root"),
     ("run", "storage_path"),
     ("eval", "fid_weights"),

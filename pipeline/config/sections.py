@@ -54,7 +54,11 @@ class PrepareSection(PrepareOptions):
 class DataConfig(StrictModel):
     """Where the prepared dataset is, and optionally how to make it first."""
 
-    dataset: str = Field(description="prepared dataset directory (output of `progan prepare`)")
+    dataset: str = Field(
+        description="prepared dataset (output of `progan prepare`): a directory every node "
+        "sees, or a URI in object storage (s3://bucket/celeba-128, gs://...) that each node "
+        "stages into data.cache_dir, one resolution at a time"
+    )
     source: str | None = Field(
         None,
         description="photos to prepare into `dataset` first if it is not complete "
@@ -67,6 +71,20 @@ class DataConfig(StrictModel):
     prepare: PrepareSection = Field(
         default_factory=PrepareSection,
         description="prepare options for data.source",
+        json_schema_extra=RESUMABLE,
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="each node's staging cache for a dataset in object storage (default "
+        "$PROGAN_CACHE_DIR or ~/.cache/progan/datasets); shared by a node's workers, runs "
+        "and phases",
+        json_schema_extra=RESUMABLE,
+    )
+    cache_max_gb: float = Field(
+        100,
+        gt=0,
+        description="the staging cache's size limit per node: least recently used LMDBs of "
+        "other resolutions and datasets are removed to stay under it",
         json_schema_extra=RESUMABLE,
     )
     loader_workers: int = Field(

@@ -23,6 +23,7 @@ from pipeline.phases.session import PhaseJob, TrackingIds
 from pipeline.progress import REFRESH_S, ProgressDisplay
 from pipeline.tracking.secrets import redact_uri
 from pipeline.tracking.tracker import Tracker
+from preprocessing.object_store import join
 from progan.schedule import Phase
 
 
@@ -91,7 +92,7 @@ class PhaseDriver:
                 f"{result.metrics}); `progan resume` continues from the latest one"
             )
         ps.checkpoint = checkpoint_uri(storage, ps.ray_name, result.checkpoint.path)
-        fetch_file(f"{ps.checkpoint}/{CHECKPOINT_GENERATOR}", self.run_dir / GENERATOR_FILE)
+        fetch_file(join(ps.checkpoint, CHECKPOINT_GENERATOR), self.run_dir / GENERATOR_FILE)
         overhead = wall - float(result.metrics.get("train_seconds", wall))
         tracker.log_metrics(
             ps.child_run_id, {"phase_wall_s": wall, "ray_overhead_s": overhead}, phase.end_images

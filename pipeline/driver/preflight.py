@@ -2,7 +2,8 @@
 
 One small Ray task per candidate node (a node whose resources can hold one training
 worker) checks, in that node's own environment, what a worker will need: each planned
-resolution of the dataset reads, storage is the same storage the driver sees and is
+resolution of the dataset reads (or, in object storage, is there and fits the node's
+staging cache), storage is the same storage the driver sees and is
 writable, the MLflow server answers, and the project code and torch/ray/mlflow versions
 are the driver's. A problem is one line naming the node, the path or package, and what to
 do, within seconds instead of after a phase's restarts are spent.
@@ -20,8 +21,9 @@ from typing import Any
 
 import ray
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, is_uri
 from pipeline.tracking.secrets import redact_uri, with_credentials
+from preprocessing.object_store import display, join
 
 PACKAGES = ("torch", "ray", "mlflow", "progan-pipeline")
 PREFLIGHT_DIR = ".preflight"
@@ -64,10 +66,14 @@ def node_label() -> str:
     return f"{ray.util.get_node_ip_address()} ({socket.gethostname()}, node {node_id[:8]})"
 
 
-def check_dataset(dataset: str, resolutions: list[int]) -> str | None:
-    """None if every planned resolution reads one record here, else what is wrong."""
+def check_dataset(dataset: str, resolutions: list[int], cache_dir: str | None) -> str | None:
+    """None if every planned resolution reads one record here (a dataset in object storage:
+    is listed there at its manifest's size, and the node's staging cache has room for
+    it), else what is wrong."""
     from preprocessing.lmdb_store import LmdbImageDataset
 
+    if is_uri(dataset):
+        return check_remote_dataset(dataset, resolutions, cache_dir)
     for res in resolutions:
         try:
             data = LmdbImageDataset(dataset, res)
@@ -83,25 +89,68 @@ def check_dataset(dataset: str, resolutions: list[int]) -> str | None:
     return None
 
 
-def check_storage(probe: str, driver_token: str) -> str | None:
+def check_remote_dataset(dataset: str, resolutions: list[int], cache_dir: str | None) -> str | None:
+    """The object-storage half of `check_dataset`: no download, a listing and a size each."""
+    import shutil
+
+    from preprocessing.object_store import display, size_of
+    from preprocessing.staging import data_file, default_cache_root, read_remote_manifest
+
+    where = display(dataset)
+    try:
+        files = read_remote_manifest(dataset).get("files") or {}
+        sizes = {data_file(r): size_of(join(dataset, data_file(r))) for r in resolutions}
+    except FileNotFoundError as err:
+        return f"data.dataset {err}"
+    except Exception as err:
+        return (
+            f"data.dataset {where} is not reachable from this node ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:160]}): give every node access to the bucket "
+            "(credentials, endpoint, network)"
+        )
+    for name, size in sizes.items():
+        if name not in files or size != int(files[name]["bytes"]):
+            return (
+                f"data.dataset {where}: {name} is missing or differs from its manifest "
+                f"({size} bytes here); prepare it into the URI again"
+            )
+    root = Path(cache_dir) if cache_dir else default_cache_root()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".probe-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        return f"data.cache_dir {root} is not writable here ({type(err).__name__}: {err})"
+    largest = max(sizes.values(), default=0) or 0
+    free = shutil.disk_usage(root).free
+    if free < largest:
+        return (
+            f"data.cache_dir {root} has {free / 2**30:.1f} GiB free; staging {where} needs "
+            f"{largest / 2**30:.1f} GiB for its largest planned LMDB"
+        )
+    return None
+
+
+def check_storage(probe: str, storage: str, driver_token: str) -> str | None:
     """None if this node reads the driver's token under `probe` and can write there."""
     from pipeline.driver.storage import read_text, write_text
 
     try:
-        seen = read_text(f"{probe}/driver")
+        seen = read_text(join(probe, "driver"))
     except Exception as err:
         return (
-            f"run.storage_path: {probe.rsplit('/', 1)[0]} is not the driver's storage here "
+            f"run.storage_path: {storage} is not the driver's storage here "
             f"({type(err).__name__}): set run.storage_path to a path every node mounts, or "
             "to a URI (s3://, gs://)"
         )
     if seen != driver_token:
         return f"run.storage_path: {probe} holds another run's probe (token mismatch)"
     try:
-        write_text(f"{probe}/{ray.get_runtime_context().get_node_id()}", "ok")
+        write_text(join(probe, ray.get_runtime_context().get_node_id()), "ok")
     except Exception as err:
         return (
-            f"run.storage_path: {probe.rsplit('/', 1)[0]} is not writable here "
+            f"run.storage_path: {storage} is not writable here "
             f"({type(err).__name__}: {str(err).splitlines()[0][:160]})"
         )
     return None
@@ -181,8 +230,8 @@ def check_node(request: dict[str, Any]) -> dict[str, Any]:
                 "(docs/using.md, 'Secrets')"
             )
     for problem in (
-        check_dataset(request["dataset"], request["resolutions"]),
-        check_storage(request["probe"], request["token"]),
+        check_dataset(request["dataset"], request["resolutions"], request["cache_dir"]),
+        check_storage(request["probe"], request["storage"], request["token"]),
         check_tracking(with_credentials(request["tracking_uri"])),
         check_gpus(request["gpus_per_worker"]),
         check_temp_space(request["checkpoint_bytes"]),
@@ -216,6 +265,7 @@ def run_preflight(
     tracking_uri: str,
     env_vars: dict[str, str],
     checkpoint_bytes: int = 0,
+    cache_dir: str | None = None,
 ) -> list[str]:
     """Check every candidate node; raise PreflightError naming the first problem.
 
@@ -230,19 +280,21 @@ def run_preflight(
     if not nodes:
         return []
     token = secrets.token_hex(8)
-    probe = f"{storage.rstrip('/')}/{PREFLIGHT_DIR}-{token}"
+    probe = join(storage, f"{PREFLIGHT_DIR}-{token}")
     try:
-        write_text(f"{probe}/driver", token)
+        write_text(join(probe, "driver"), token)
     except Exception as err:
         raise PreflightError(
-            f"preflight: run.storage_path {storage} is not writable from the driver "
+            f"preflight: run.storage_path {display(storage)} is not writable from the driver "
             f"({type(err).__name__}: {str(err).splitlines()[0][:160]})"
         ) from None
     request = {
         "environment": environment(),
         "dataset": dataset,
         "resolutions": resolutions,
+        "cache_dir": cache_dir,
         "probe": probe,
+        "storage": display(storage),
         "token": token,
         "tracking_uri": redact_uri(tracking_uri),  # a task's arguments are recorded
         "secrets": [k for k, v in env_vars.items() if v == f"${{{k}}}"],

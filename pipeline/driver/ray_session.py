@@ -90,4 +90,5 @@ def check_cluster(cfg: PipelineConfig, uri: str, storage: str, env: dict[str, st
         uri,
         env,
         checkpoint_bytes(cfg),
+        cfg.data.cache_dir,
     )

@@ -16,11 +16,11 @@ import shutil
 import socket
 import time
 from pathlib import Path
-from typing import Any
 
 from pipeline.config import ConfigError, PipelineConfig, is_uri
 from pipeline.phases.checkpoints import PREFIX
 from pipeline.tracking.secrets import redact_uri
+from preprocessing.object_store import filesystem, join, read_bytes, write_bytes
 
 
 class StorageError(ConfigError):
@@ -37,7 +37,7 @@ def storage_root(cfg: PipelineConfig, run_dir: Path) -> str:
 
 def checkpoint_uri(storage: str, ray_name: str, checkpoint_path: str) -> str:
     """The storage URI (or path) of a checkpoint of the Ray run `ray_name`."""
-    return f"{storage.rstrip('/')}/{ray_name}/{Path(checkpoint_path).name}"
+    return join(storage, ray_name, Path(checkpoint_path).name)
 
 
 def with_storage_credentials(uri: str, storage: str) -> str:
@@ -47,21 +47,9 @@ def with_storage_credentials(uri: str, storage: str) -> str:
     return storage.rstrip("/") + uri[len(masked) :] if uri.startswith(masked) else uri
 
 
-def filesystem(uri: str) -> tuple[Any, str]:
-    """(pyarrow filesystem, path in it) for a URI or a local path."""
-    import pyarrow.fs
-
-    if not is_uri(uri):
-        return pyarrow.fs.LocalFileSystem(), str(Path(uri).absolute())
-    return pyarrow.fs.FileSystem.from_uri(uri)
-
-
 def write_text(uri: str, text: str) -> None:
     """Write a small file at `uri` (parents created)."""
-    fs, path = filesystem(uri)
-    fs.create_dir(str(Path(path).parent), recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(text.encode())
+    write_bytes(uri, text.encode())
 
 
 def fetch_file(uri: str, target: Path) -> Path:
@@ -76,9 +64,7 @@ def fetch_file(uri: str, target: Path) -> Path:
 
 def read_text(uri: str) -> str:
     """Read a small file at `uri`."""
-    fs, path = filesystem(uri)
-    with fs.open_input_stream(path) as f:
-        return f.read().decode()
+    return read_bytes(uri).decode()
 
 
 def delete_tree(uri: str) -> None:
@@ -156,7 +142,7 @@ def checkpoint_dirs(storage: str, ray_name: str) -> list[str]:
     """URIs (or paths) of the Ray run's checkpoint directories, most images first."""
     import pyarrow.fs
 
-    fs, base = filesystem(f"{storage.rstrip('/')}/{ray_name}")
+    fs, base = filesystem(join(storage, ray_name))
     try:
         infos = fs.get_file_info(pyarrow.fs.FileSelector(base))
     except (FileNotFoundError, OSError):
@@ -165,7 +151,7 @@ def checkpoint_dirs(storage: str, ray_name: str) -> list[str]:
         (i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory),
         reverse=True,
     )
-    return [f"{storage.rstrip('/')}/{ray_name}/{n}" for n in names if n.startswith(PREFIX)]
+    return [join(storage, ray_name, n) for n in names if n.startswith(PREFIX)]
 
 
 def recover_unreadable_snapshot(storage: str, ray_name: str) -> tuple[str, str | None] | None:
@@ -175,7 +161,7 @@ def recover_unreadable_snapshot(storage: str, ray_name: str) -> tuple[str, str |
     None); None if the snapshot is fine or absent."""
     from pipeline.phases.checkpoints import load_training_state
 
-    fs, path = filesystem(f"{storage.rstrip('/')}/{ray_name}/{SNAPSHOT_FILE}")
+    fs, path = filesystem(join(storage, ray_name, SNAPSHOT_FILE))
     try:
         with fs.open_input_stream(path) as f:
             text = f.read().decode("utf-8", "replace")
@@ -210,7 +196,7 @@ def claim_storage(storage: str, run_id: str, claim: str, run_dir: Path) -> None:
     already trains under this storage: its Ray runs would be shared and each would delete
     the other's checkpoints. The first start writes `<storage>/.progan-runs/<id>.json` with
     the run's claim token (kept in its state.json); later starts must present the same."""
-    marker = f"{storage.rstrip('/')}/{OWNERS_DIR}/{run_id}.json"
+    marker = join(storage, OWNERS_DIR, f"{run_id}.json")
     if exists(marker):
         owner = json.loads(read_text(marker))
         if owner.get("claim") != claim:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import PipelineConfig
+from pipeline.dataset import local_dataset
 from pipeline.phases.checkpoints import (
     GENERATOR_FILE,
     HOST_KEY,
@@ -217,7 +218,8 @@ class PhaseSession:
         try:
             try:
                 if not at_end:
-                    dataset = LmdbImageDataset(self.cfg.data.dataset, phase.resolution)
+                    folder = local_dataset(self.cfg, [phase.resolution])  # staged if a URI
+                    dataset = LmdbImageDataset(folder, phase.resolution)
                     run_phase(
                         trainer,
                         dataset,
@@ -268,7 +270,8 @@ class PhaseSession:
 
     def evaluate(self) -> dict[str, float]:
         """cfg.eval's metrics of G_ema in this phase at the trainer's images shown (real
-        statistics cached beside the dataset, which every node sees); told to the sinks."""
+        statistics cached beside the dataset, or beside this node's staged copy of it);
+        told to the sinks."""
         from pipeline.evaluation import evaluate_generator
 
         cfg, trainer, phase = self.cfg, self.trainer, self.phase
@@ -277,7 +280,7 @@ class PhaseSession:
             trainer.G_ema,
             phase.level,
             phase.alpha_at(trainer.images_shown),
-            cfg.data.dataset,
+            local_dataset(cfg, [phase.resolution]),
             phase.resolution,
             metrics=tuple(cfg.eval.metrics),
             num_images=cfg.eval.num_images,

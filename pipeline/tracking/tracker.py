@@ -343,9 +343,11 @@ def dataset_input(dataset_dir: str | os.PathLike) -> DatasetInput:
     """An MLflow dataset input for a prepared dataset: its folder name, location, manifest
     fingerprint (the digest) and, as its profile, resolutions, image counts and raw source."""
     from preprocessing.lmdb_store import read_manifest
+    from preprocessing.object_store import display, is_uri
 
-    path = Path(dataset_dir).resolve()
-    manifest = read_manifest(path)
+    remote = is_uri(dataset_dir)
+    location = display(dataset_dir) if remote else str(Path(dataset_dir).resolve())
+    manifest = read_manifest(dataset_dir)
     source = manifest.get("source", {})
     profile = {
         "resolution": max(int(r) for r in manifest["counts"]),
@@ -356,10 +358,10 @@ def dataset_input(dataset_dir: str | os.PathLike) -> DatasetInput:
         "fingerprint": manifest["fingerprint"],
     }
     dataset = Dataset(
-        name=path.name,
+        name=location.rstrip("/").rsplit("/", 1)[-1],
         digest=str(manifest["fingerprint"])[:16],
-        source_type="local",
-        source=json.dumps({"uri": str(path)}),
+        source_type=location.split("://")[0] if remote else "local",
+        source=json.dumps({"uri": location}),
         profile=json.dumps(profile),
     )
     return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])
