@@ -182,15 +182,16 @@ def results_of(sweep_dir: Path) -> dict[str, list[dict]]:
     return out
 
 
-def tune_cli(*args: str, log: Path, **popen) -> subprocess.Popen:
-    """`progan tune ...` as a user types it, in its own process group."""
+def tune_cli(*args: str, log: Path, env: dict | None = None, **popen) -> subprocess.Popen:
+    """`progan tune ...` as a user types it, in its own process group (`env`: extra
+    variables)."""
     return subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", "tune", *args],
         cwd=REPO_ROOT,
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
-        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+        env={**os.environ, "RAY_AUTH_MODE": "disabled", **(env or {})},
         **popen,
     )
 
@@ -354,3 +355,28 @@ def test_pbt_explores_choices_as_lists_and_keeps_ranges():
         "train.n_critic": 3,
         "train.ema_beta": 0.99,
     }
+
+
+@pytest.mark.slow
+def test_a_sweep_stored_in_a_bucket_keeps_its_trials_there_and_resumes_from_it(dataset, tmp_path):
+    """`storage_path: s3://...` (moto's S3 server on 127.0.0.1): the trials' checkpoints and
+    Tune's experiment state are in the bucket, nothing of them in the sweep folder, and
+    `progan tune --resume` restores the sweep from the bucket."""
+    from tests.s3_harness import s3_server
+
+    spec = tiny_spec(tmp_path, dataset, search={"algorithm": "grid", "max_concurrent_trials": 1})
+    spec["search_space"] = {"train.ema_beta": {"grid": [0.0]}}
+    spec["scheduler"] = {"type": "fifo"}
+    with s3_server(tmp_path / "s3") as s3:
+        spec["storage_path"] = s3.uri("tune")
+        path = write_spec(tmp_path, spec)
+        sweep = tune_cli(str(path), "--name", "s3", log=tmp_path / "sweep.log", env=s3.env)
+        assert sweep.wait(timeout=400) == 0, (tmp_path / "sweep.log").read_text()[-3000:]
+        sweep_dir = tmp_path / "runs" / "tune" / "s3"
+        keys = s3.objects("tune/s3/")
+        assert any(k.endswith(".json") and "experiment_state" in k for k in keys), keys
+        assert [k for k in keys if "/checkpoint_" in k and k.endswith("state.pt")], keys
+        assert not (sweep_dir / "ray").exists()
+        assert "completed" in (sweep_dir / "summary.md").read_text()
+        resumed = tune_cli("--resume", str(sweep_dir), log=tmp_path / "resume.log", env=s3.env)
+        assert resumed.wait(timeout=300) == 0, (tmp_path / "resume.log").read_text()[-3000:]

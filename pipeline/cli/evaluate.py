@@ -20,7 +20,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Evaluate a checkpoint's EMA generator (see docs/metrics.md).",
     )
     add_generator_args(p, sampling=False)
-    p.add_argument("--data", type=Path, required=True, help="prepared dataset (progan prepare)")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="prepared dataset (progan prepare): a folder, or a URI in object storage (its "
+        "resolution is staged into $PROGAN_CACHE_DIR first)",
+    )
     p.add_argument(
         "--metrics",
         default="swd,msssim",
@@ -43,8 +48,15 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.evaluation import EvaluationError, evaluate_generator
 
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
+    from preprocessing.object_store import display, is_uri
+    from preprocessing.staging import stage
+
     gen = load_generator(args.ckpt, args.device, args.tracking_uri)
-    if not (args.data / "manifest.json").is_file():
+    try:
+        data = stage(args.data, [gen.resolution]) if is_uri(args.data) else Path(args.data)
+    except (OSError, RuntimeError) as err:  # not there, unreachable, StagingError
+        raise ToolError(f"--data {display(args.data)}: {err}") from err
+    if not (data / "manifest.json").is_file():
         raise ToolError(
             f"--data {args.data} is not a prepared dataset (no manifest.json); make one with "
             f"`progan prepare {args.data} PREPARED --resolution {gen.resolution}` and pass "
@@ -55,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
             gen.module,
             gen.level,
             gen.alpha,
-            args.data,
+            data,
             gen.resolution,
             metrics=metrics,
             num_images=args.num_images,

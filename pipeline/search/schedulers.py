@@ -65,7 +65,7 @@ def make_scheduler(sweep: Sweep):
     sch = sweep.spec.scheduler
     if sch.type == "asha":
         return PersistentASHA(
-            str(sweep.sweep_dir / "ray" / SCHEDULER_FILE),
+            str(sweep.sweep_dir / SCHEDULER_FILE),  # beside spec.yaml, wherever Tune stores
             time_attr=TIME_ATTR,
             max_t=sch.max_t or sweep.trial_kimg,
             grace_period=sch.grace_period or sweep.first_measured_kimg,

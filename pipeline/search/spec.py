@@ -37,6 +37,7 @@ from pipeline.search.space import (
     parse_dimension,
     validate_value,
 )
+from preprocessing.object_store import is_uri, join
 from progan.config import StrictModel
 from progan.metrics.catalogue import metric_of_key
 from progan.schedule import Phase
@@ -121,6 +122,12 @@ class TuneSpec(StrictModel):
     search: SearchSection = Field(default_factory=SearchSection)
     scheduler: SchedulerSection = Field(default_factory=SchedulerSection)
     trial_driver: TrialDriverSection = Field(default_factory=TrialDriverSection)
+    storage_path: str | None = Field(
+        None,
+        description="where Tune keeps the trials' checkpoints and its experiment state (a "
+        "path every node sees, or a URI: s3://bucket/tune); the sweep is a folder named "
+        "after it there. Default: <sweep dir>/ray",
+    )
 
 
 class SweepInterrupted(RuntimeError):
@@ -140,6 +147,21 @@ class Sweep:
     trial_cfg: PipelineConfig
     sweep_dir: Path
     tracking_uri: str
+
+    @property
+    def experiment_storage(self) -> str:
+        """Tune's RunConfig storage_path: `storage_path` (a path or URI) or the sweep dir."""
+        return self.spec.storage_path or str(self.sweep_dir)
+
+    @property
+    def experiment_name(self) -> str:
+        """Tune's RunConfig name: the sweep's name in a shared storage, else "ray"."""
+        return "ray" if self.spec.storage_path is None else self.name
+
+    @property
+    def experiment(self) -> str:
+        """Tune's experiment folder: `<storage_path>/<name>`, or `<sweep dir>/ray`."""
+        return join(self.experiment_storage, self.experiment_name)
 
     @property
     def plan(self) -> list[Phase]:
@@ -216,6 +238,8 @@ def build_sweep(raw: dict[str, Any], sweep_dir: Path | None = None) -> Sweep:
     except ConfigError as err:
         raise ConfigError(f"trial: {err}") from None
 
+    if spec.storage_path is not None and not is_uri(spec.storage_path):
+        spec.storage_path = str(Path(spec.storage_path).absolute())
     name = spec.name or "sweep"
     if "/" in name or name in (".", ".."):
         raise ConfigError(f"name: {name!r} must be a plain directory name")

@@ -61,6 +61,7 @@ from pipeline.search.summary import (
 )
 from pipeline.search.trial import run_trial
 from pipeline.tracking.secrets import redact_uri
+from preprocessing.object_store import display
 
 __all__ = ["SweepInterrupted", "dry_run_text", "load_sweep", "resume_sweep", "start_sweep"]
 
@@ -158,8 +159,8 @@ def make_tuner(sweep: Sweep, sweep_run_id: str, verbose: bool = False):
             reuse_actors=True,
         ),
         run_config=tune.RunConfig(
-            name="ray",
-            storage_path=str(sweep.sweep_dir),
+            name=sweep.experiment_name,
+            storage_path=sweep.experiment_storage,
             callbacks=[MlflowStatusCallback(sweep), progress],
             # PBT copies another trial's checkpoint: keep a few more of them
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2 if not pbt else 4),
@@ -207,7 +208,7 @@ def start_ray(sweep: Sweep, address: str | None, console: Console) -> None:
     prepare_data(sweep, console)
     cfg, uri = sweep.trial_cfg, sweep.tracking_uri
     sweep.sweep_dir.mkdir(parents=True, exist_ok=True)
-    check_cluster(cfg, uri, str(sweep.sweep_dir), worker_env(uri))
+    check_cluster(cfg, uri, sweep.experiment_storage, worker_env(uri))
     console.print("preflight: nodes ok")
 
 
@@ -270,14 +271,14 @@ def resume_sweep(
     sweep = build_sweep(yaml.safe_load((sweep_dir / SPEC_FILE).read_text()), sweep_dir)
     info = json.loads((sweep_dir / SWEEP_FILE).read_text())
     start_ray(sweep, address, console)
-    experiment = sweep_dir / "ray"
-    if not tune.Tuner.can_restore(str(experiment)):
-        raise ConfigError(f"--resume: {experiment} holds no Tune experiment to restore")
+    experiment = sweep.experiment
+    if not tune.Tuner.can_restore(experiment):
+        raise ConfigError(f"--resume: {display(experiment)} holds no Tune experiment to restore")
     tracker = sweep_tracker(sweep)
     tracker.reopen(info["mlflow_run_id"])
     trainable, space = make_trainable(sweep, info["mlflow_run_id"])
     tuner = tune.Tuner.restore(
-        str(experiment),
+        experiment,
         trainable=trainable,
         param_space=space,
         resume_unfinished=True,
@@ -298,7 +299,7 @@ def unfinished_trials(sweep: Sweep) -> list[str]:
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # trials without results yet are not worth a warning
     try:
-        analysis = ExperimentAnalysis(str(sweep.sweep_dir / "ray"))
+        analysis = ExperimentAnalysis(sweep.experiment)
     finally:
         quiet.setLevel(level)
     return [t.trial_id for t in analysis.trials if t.status not in ("TERMINATED", "ERROR")]
