@@ -63,11 +63,27 @@ class ModelConfig(StrictModel):
 class TrainConfig(StrictModel):
     """The training step: loss, optimizer, EMA, stabilisers, numerics."""
 
-    loss: Literal["wgan-gp", "wgan", "logistic", "bce", "lsgan"] = "wgan-gp"
+    loss: Literal["wgan-gp", "wgan", "logistic", "bce", "lsgan"] = Field(
+        "wgan-gp",
+        description="wgan-gp (the paper's, with drift), wgan (weight clipping), logistic = bce "
+        "(the non-saturating logistic loss; pair it with train.r1_gamma), lsgan",
+    )
     gp_lambda: float = Field(10.0, ge=0)
     gp_target: float = Field(1.0, gt=0)
     drift: float = Field(0.001, ge=0, description="epsilon * D(real)^2 (WGAN losses)")
     wgan_clip: float | None = Field(0.01, gt=0, description="weight clipping for plain 'wgan'")
+    r1_gamma: float = Field(
+        0.0,
+        ge=0,
+        description="R1 penalty on reals, r1_gamma/2 * |grad D(real)|^2 (StyleGAN's; any "
+        "loss, usually logistic); 0: off",
+    )
+    r1_every: int = Field(
+        1,
+        ge=1,
+        description="lazy regularisation: R1 on every k-th D step of a phase (the first "
+        "included), scaled by k",
+    )
     optimizer: Literal["adam", "rmsprop"] = "adam"
     betas: tuple[float, float] = (0.0, 0.99)
     eps: float = Field(1e-8, gt=0)

@@ -26,60 +26,19 @@ from progan.acceleration import (
     uses_cuda_graphs,
 )
 from progan.checkpoint import rng_state, set_rng_state
-from progan.config import GANConfig, ModelConfig, TrainConfig
+from progan.config import GANConfig, ModelConfig
 from progan.ema import make_ema, update_ema
 from progan.layers import shared_scaled_weights
-from progan.losses import BCE_LOSSES, discriminator_loss, generator_loss, gradient_penalty
+from progan.losses import BCE_LOSSES, DiscriminatorObjective, generator_loss, r1_weight
 from progan.models import build_networks
 from progan.monitor import NonFiniteLossError, StepMonitor
-from progan.networks import Alpha, GrowingNetwork, fade_in_real, is_fading
+from progan.networks import Alpha, fade_in_real, is_fading
 from progan.schedule import Phase, SchedulePoint, phase_plan, point_in_plan
 
 Wrap = Callable[[nn.Module], nn.Module]
 CHECKED_LOSSES = ("d_loss", "g_loss")
 
 __all__ = ["GANTrainer", "NonFiniteLossError"]
-
-
-class DiscriminatorObjective(nn.Module):
-    """D's whole loss as one module forward, so DDP sees one forward and one backward.
-
-    Returns (mean loss, stats). The gradient penalty's inner autograd.grad happens inside
-    this forward; the outer `.backward()` is the only one DDP reduces. `scores` scores the
-    reals and fakes (a compiled D); the penalty's pass always runs D eagerly (it needs a
-    double backward).
-    """
-
-    def __init__(
-        self, discriminator: GrowingNetwork, cfg: TrainConfig, scores: nn.Module | None = None
-    ) -> None:
-        super().__init__()
-        self.D = discriminator
-        self.cfg = cfg
-        # a list, so that a compiled D is not registered as a second submodule
-        self.score_fns = [discriminator if scores is None else scores]
-
-    def forward(
-        self,
-        real: torch.Tensor,
-        fake: torch.Tensor,
-        level: int,
-        alpha: Alpha,
-        mix: torch.Tensor,
-        real_target: torch.Tensor | None = None,
-        fake_target: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        d_real = self.score_fns[0](real, level, alpha)
-        d_fake = self.score_fns[0](fake, level, alpha)
-        loss = discriminator_loss(self.cfg, d_real, d_fake, real_target, fake_target)
-        stats = {"d_real": d_real.detach().float().mean(), "d_fake": d_fake.detach().float().mean()}
-        if self.cfg.loss == "wgan-gp" and self.cfg.gp_lambda > 0:
-            gp = gradient_penalty(
-                lambda x: self.D(x, level, alpha), real, fake, mix, self.cfg.gp_target
-            )
-            loss = loss + self.cfg.gp_lambda * gp
-            stats["gp"] = gp.detach().mean()
-        return loss.mean(), stats
 
 
 def to_model_range(images: torch.Tensor) -> torch.Tensor:
@@ -273,6 +232,7 @@ class GANTrainer:
         self.D.train()
 
         for real in batches:
+            d_index = (self.images_shown - point.phase.start_images) // point.batch_size
             real = self._prepare_real(real, alpha, fading)
             n = real.shape[0]
             with torch.no_grad(), self._autocast():
@@ -289,6 +249,7 @@ class GANTrainer:
                     mix,
                     real_target,
                     fake_target,
+                    r1_weight(t, d_index),
                 )
             monitor.observe("d_loss", d_loss, self.images_shown)
             for name, value in d_stats.items():
