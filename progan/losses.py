@@ -137,6 +137,8 @@ class DiscriminatorObjective(nn.Module):
         d_fake = self.score_fns[0](fake, level, alpha)
         loss = discriminator_loss(self.cfg, d_real, d_fake, real_target, fake_target)
         stats = {"d_real": d_real.detach().float().mean(), "d_fake": d_fake.detach().float().mean()}
+        if self.cfg.augment == "ada":  # ADA's overfitting signal, per step
+            stats["d_real_sign"] = d_real.detach().float().sign().mean()
         if self.cfg.loss == "wgan-gp" and self.cfg.gp_lambda > 0:
             gp = gradient_penalty(
                 lambda x: self.D(x, level, alpha), real, fake, mix, self.cfg.gp_target

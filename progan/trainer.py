@@ -5,9 +5,9 @@ schedule (images shown), and turns real batches into optimizer steps. It runs th
 notebook, in a plain loop (`pipeline.phases.local`), or inside a Ray Train worker, where the
 pipeline passes a `wrap` function (DDP) applied to what is trained in each phase.
 
-All randomness of a step (latents, GP mixing, mirroring, noise) is drawn from a generator
-seeded by (seed, rank, images shown): the run is a pure function of its position, so a
-resumed run continues the same curve bit-for-bit on CPU, and ranks draw different latents.
+All randomness of a step (latents, GP mixing, mirroring, noise, augmentation) is drawn from
+a generator seeded by (seed, rank, images shown): the run is a pure function of its position,
+so a resumed run continues the same curve bit-for-bit on CPU, and ranks draw different latents.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from progan.acceleration import (
     make_optimizer,
     uses_cuda_graphs,
 )
+from progan.augment import Augmentation
 from progan.checkpoint import rng_state, set_rng_state
 from progan.config import GANConfig, ModelConfig
 from progan.ema import make_ema, update_ema
@@ -81,6 +82,7 @@ class GANTrainer:
         self.phase: Phase | None = None  # phase the modules are currently set up for
         self.generator = torch.Generator(self.device)
         self.monitor = StepMonitor(CHECKED_LOSSES, self.device, cfg.train.check_finite)
+        self.augment = Augmentation(cfg.train, self.device, world_size)  # identity for 'none'
         self.host_stats: dict[str, float] = {}  # known on the host: alpha, lr, resolution
         # a fading phase's alpha for compiled networks: refilled in place, never recompiled
         self.alpha_tensor = torch.zeros((), device=self.device)
@@ -159,6 +161,10 @@ class GANTrainer:
     def _noisy(self, images: torch.Tensor) -> torch.Tensor:
         sigma = self.cfg.train.instance_noise
         return images + sigma * self._randn(*images.shape) if sigma > 0 else images
+
+    def _seen_by_d(self, images: torch.Tensor) -> torch.Tensor:
+        """What D is shown of `images`: augmented (`train.augment`), then instance noise."""
+        return self._noisy(self._to_memory_format(self.augment(images, self.generator)))
 
     def _label_targets(self, n: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if self.cfg.train.label_noise != "beta" or self.cfg.train.loss not in BCE_LOSSES:
@@ -242,8 +248,8 @@ class GANTrainer:
             real_target, fake_target = self._label_targets(n)
             with self._autocast(), shared_scaled_weights():  # D runs 3 times in this graph
                 d_loss, d_stats = self.D_train(
-                    self._noisy(real),
-                    self._noisy(fake),
+                    self._seen_by_d(real),
+                    self._seen_by_d(fake),
                     level,
                     net_alpha,
                     mix,
@@ -252,8 +258,11 @@ class GANTrainer:
                     r1_weight(t, d_index),
                 )
             monitor.observe("d_loss", d_loss, self.images_shown)
-            for name, value in d_stats.items():
+            for name, value in {**d_stats, **self.augment.stats()}.items():
                 monitor.observe(name, value, self.images_shown)
+            if self.augment.ada is not None:
+                self.augment.ada.observe(d_stats["d_real_sign"], n)
+                self.augment.ada.step_done(d_index)
             self.opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
             self.opt_d.step()
@@ -268,7 +277,7 @@ class GANTrainer:
                 with self._autocast():
                     z = self._randn(n, self.cfg.model.latent_size)
                     fake = self._to_memory_format(self.G_train(z, level, net_alpha))
-                    d_fake = self.D_fast(self._noisy(fake), level, net_alpha)
+                    d_fake = self.D_fast(self._seen_by_d(fake), level, net_alpha)
                     g_loss = generator_loss(t, d_fake).mean()
                 monitor.observe("g_loss", g_loss, self.images_shown)
                 self.opt_g.zero_grad(set_to_none=True)
@@ -305,6 +314,7 @@ class GANTrainer:
             "resolution": point.resolution,
             "alpha": point.alpha,
             "rng": rng_state(),
+            **({"ada": self.augment.ada.state_dict()} if self.augment.ada is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -325,6 +335,8 @@ class GANTrainer:
         self.opt_d.load_state_dict(state["opt_d"])
         self.images_shown = int(state["images_shown"])
         self.optimizer_phase = int(state["optimizer_phase"])
+        if self.augment.ada is not None and "ada" in state:  # else p starts at 0
+            self.augment.ada.load_state_dict(state["ada"])
         self.phase = None
         set_rng_state(state["rng"])
 

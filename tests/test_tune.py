@@ -65,7 +65,8 @@ def write_spec(tmp_path: Path, spec: dict, name: str = "spec.yaml") -> Path:
         (
             "search_space",
             {"train.lrr": {"choice": [1]}},
-            "search_space.train.lrr: unknown config key 'lrr' in 'train'; allowed there: betas",
+            "search_space.train.lrr: unknown config key 'lrr' in 'train'; allowed there: "
+            "ada_interval, ada_kimg",
         ),
         (
             "search_space",
