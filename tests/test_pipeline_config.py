@@ -7,7 +7,7 @@ from pipeline.config import ConfigError, load_config, parse_overrides
 from pipeline.dataset import ensure_dataset
 from tests.conftest import REPO_ROOT
 
-PRESETS = ["demo", "celeba-64", "celeba-128", "celebahq-1024"]
+PRESETS = ["demo", "small-data-32", "celeba-64", "celeba-128", "celebahq-1024"]
 
 
 @pytest.mark.parametrize(

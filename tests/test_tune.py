@@ -164,6 +164,28 @@ def test_spec_overrides_dry_run_and_missing_searcher(tmp_path, capsys):
             )
 
 
+@pytest.mark.parametrize(
+    "spec", sorted((REPO_ROOT / "conf" / "tune").glob("*.yaml")), ids=lambda path: path.stem
+)
+def test_every_shipped_spec_loads(spec, tmp_path, monkeypatch):
+    from pipeline.search.sweep import load_sweep
+
+    monkeypatch.chdir(tmp_path)  # run.root is relative: nothing is made in the project
+    sweep = load_sweep(spec, [], name="x")
+    assert sweep.dimensions and sweep.trial_phases >= 2
+    if spec.stem == "small-data":  # the recipe's knobs, over the small-data preset
+        assert {d.key for d in sweep.dimensions} == {
+            "train.augment",
+            "train.augment_policy",
+            "train.ada_target",
+            "train.r1_gamma",
+            "train.r1_every",
+        }
+        train = sweep.trial_cfg.train
+        assert (train.loss, train.augment, train.ada_kimg) == ("logistic", "ada", 10.0)
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     return make_tiny_dataset(tmp_path_factory.mktemp("data"))
