@@ -52,6 +52,7 @@ class Progress:
     images_per_s: float = 0.0
     d_loss: float | None = None
     g_loss: float | None = None
+    augment_p: float | None = None  # train.augment's probability (ADA's moves; kept across phases)
     swd: float | None = None  # the last evaluation's SWDx1e3_avg
     state: str = "starting"
     message: str = ""  # how it ended (a failure's line, a resume hint)
@@ -97,10 +98,11 @@ class Progress:
 
     @property
     def losses(self) -> str:
-        """The latest losses, or "" before the phase's first log point."""
+        """The latest losses (and augmentation p), or "" before the phase's first log point."""
         if self.d_loss is None or self.g_loss is None:
             return ""
-        return f"d_loss {self.d_loss:.3f} g_loss {self.g_loss:.3f}"
+        p = "" if self.augment_p is None else f" augment_p {self.augment_p:.3f}"
+        return f"d_loss {self.d_loss:.3f} g_loss {self.g_loss:.3f}{p}"
 
     def phase_line(self) -> str:
         parts = [
@@ -199,6 +201,7 @@ class ProgressDisplay:
         p.images_per_s = float(stats.get("images_per_s", p.images_per_s))
         p.d_loss = _float(stats.get("d_loss"))
         p.g_loss = _float(stats.get("g_loss"))
+        p.augment_p = _float(stats.get("augment_p"))
         p.state = "training"
         self._show(print_line=True, at=_float(stats.get("time")))
 

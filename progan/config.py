@@ -16,6 +16,8 @@ from pydantic import (
 
 MIN_RESOLUTION = 4
 MAX_RESOLUTION = 1024
+# DiffAugment's transform groups, in the order they are applied (progan/augment.py)
+AUGMENT_TRANSFORMS = ("color", "translation", "cutout")
 # Marks a field that may change when a run or output folder is continued: it changes how
 # training runs or is watched, never what is trained (pipeline.config reads the marks).
 RESUMABLE = {"resumable": True}
@@ -63,11 +65,54 @@ class ModelConfig(StrictModel):
 class TrainConfig(StrictModel):
     """The training step: loss, optimizer, EMA, stabilisers, numerics."""
 
-    loss: Literal["wgan-gp", "wgan", "logistic", "bce", "lsgan"] = "wgan-gp"
+    loss: Literal["wgan-gp", "wgan", "logistic", "bce", "lsgan"] = Field(
+        "wgan-gp",
+        description="wgan-gp (the paper's, with drift), wgan (weight clipping), logistic = bce "
+        "(the non-saturating logistic loss; pair it with train.r1_gamma), lsgan",
+    )
     gp_lambda: float = Field(10.0, ge=0)
     gp_target: float = Field(1.0, gt=0)
     drift: float = Field(0.001, ge=0, description="epsilon * D(real)^2 (WGAN losses)")
     wgan_clip: float | None = Field(0.01, gt=0, description="weight clipping for plain 'wgan'")
+    r1_gamma: float = Field(
+        0.0,
+        ge=0,
+        description="R1 penalty on reals, r1_gamma/2 * |grad D(real)|^2 (StyleGAN's; any "
+        "loss, usually logistic); 0: off",
+    )
+    r1_every: int = Field(
+        1,
+        ge=1,
+        description="lazy regularisation: R1 on every k-th D step of a phase (the first "
+        "included), scaled by k",
+    )
+    augment: Literal["none", "diffaugment", "ada"] = Field(
+        "none",
+        description="augment every image D sees (reals, fakes, the GP/R1 inputs; "
+        "differentiable, so G learns through it): diffaugment (each transform with fixed "
+        "probability augment_p) or ada (that probability adapted to D's overfitting)",
+    )
+    augment_policy: str = Field(
+        ",".join(AUGMENT_TRANSFORMS),
+        description=f"comma-separated DiffAugment transforms: {', '.join(AUGMENT_TRANSFORMS)}",
+    )
+    augment_p: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="diffaugment: probability of each transform per image (1: always, as "
+        "DiffAugment); ada starts at 0 and adapts",
+    )
+    ada_target: float = Field(
+        0.6,
+        gt=0,
+        lt=1,
+        description="ada: target of r_t = E[sign(D(augmented real))]; above it p rises",
+    )
+    ada_interval: int = Field(4, ge=1, description="ada: D steps between adjustments of p")
+    ada_kimg: float = Field(
+        500.0, gt=0, description="ada: kimg for p to move by 1 at a constant overfitting sign"
+    )
     optimizer: Literal["adam", "rmsprop"] = "adam"
     betas: tuple[float, float] = (0.0, 0.99)
     eps: float = Field(1e-8, gt=0)
@@ -99,6 +144,18 @@ class TrainConfig(StrictModel):
         json_schema_extra=RESUMABLE,
     )
     seed: int = 0
+
+    @field_validator("augment_policy")
+    @classmethod
+    def _check_policy(cls, value: str) -> str:
+        names = [n.strip() for n in value.split(",")]
+        unknown = [n for n in names if n not in AUGMENT_TRANSFORMS]
+        if unknown or len(set(names)) != len(names):
+            raise ValueError(
+                f"must be distinct names from {', '.join(AUGMENT_TRANSFORMS)} separated by "
+                f"commas, got {value!r}"
+            )
+        return ",".join(names)
 
 
 class ScheduleConfig(StrictModel):

@@ -1,8 +1,9 @@
-"""GAN losses: WGAN-GP + drift (default), plain WGAN, logistic/BCE, LSGAN; gradient penalty.
+"""GAN losses: WGAN-GP + drift (default), plain WGAN, logistic/BCE, LSGAN; GP and R1.
 
-All functions take raw discriminator scores (shape [N]) and return per-sample losses; the
-caller takes the mean. 'logistic' and 'bce' are the same loss (BCE on logits, the
+All loss functions take raw discriminator scores (shape [N]) and return per-sample losses;
+the caller takes the mean. 'logistic' and 'bce' are the same loss (BCE on logits, the
 non-saturating generator loss); 'bce' accepts soft targets for label noise.
+`DiscriminatorObjective` is D's whole loss (with the GP and lazy R1) as one module forward.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from progan.config import TrainConfig
+from progan.networks import Alpha, GrowingNetwork
 
 WGAN_LOSSES = ("wgan-gp", "wgan")
 BCE_LOSSES = ("logistic", "bce")
@@ -35,10 +38,31 @@ def gradient_penalty(
     """
     x_hat = torch.lerp(real.detach(), fake.detach(), mix.view(-1, 1, 1, 1).to(real.dtype))
     x_hat.requires_grad_(True)
-    scores = critic(x_hat)
-    (grad,) = torch.autograd.grad(scores.float().sum(), x_hat, create_graph=True)
-    norm = grad.float().flatten(1).norm(2, dim=1)
+    norm = input_gradients(critic(x_hat), x_hat).norm(2, dim=1)
     return (norm - target).square() / target**2
+
+
+def input_gradients(scores: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    """d(sum of scores)/d(inputs), flattened per sample [N, -1] in fp32, differentiable.
+
+    `create_graph=True`: the penalty built on it trains D through one outer backward.
+    """
+    (grad,) = torch.autograd.grad(scores.float().sum(), inputs, create_graph=True)
+    return grad.float().flatten(1)
+
+
+def r1_penalty(scores: torch.Tensor, reals: torch.Tensor) -> torch.Tensor:
+    """R1 (Mescheder et al. 2018): |grad D(real)|^2 per sample; `reals` must require grad
+    and `scores` be D's output on them (the D pass of the loss itself can be reused)."""
+    return input_gradients(scores, reals).square().sum(1)
+
+
+def r1_weight(cfg: TrainConfig, d_index: int) -> float:
+    """The R1 term's weight at D step `d_index` of a phase: r1_gamma/2, times r1_every on
+    every r1_every-th step (lazy regularisation) and 0 between them."""
+    if cfg.r1_gamma == 0 or d_index % cfg.r1_every:
+        return 0.0
+    return cfg.r1_gamma / 2 * cfg.r1_every
 
 
 def discriminator_loss(
@@ -73,3 +97,56 @@ def generator_loss(cfg: TrainConfig, d_fake: torch.Tensor) -> torch.Tensor:
     if cfg.loss == "lsgan":
         return (d_fake - 1).square()
     raise ValueError(f"unknown loss {cfg.loss!r}")
+
+
+class DiscriminatorObjective(nn.Module):
+    """D's whole loss as one module forward, so DDP sees one forward and one backward.
+
+    Returns (mean loss, stats). The gradient penalty's and R1's inner autograd.grad happen
+    inside this forward; the outer `.backward()` is the only one DDP reduces. `scores`
+    scores the reals and fakes (a compiled D); the penalty's pass always runs D eagerly (it
+    needs a double backward), and so does the pass on the reals when `r1` (R1's weight,
+    `r1_weight`) is not 0: R1 is the gradient of that pass, no extra forward.
+    """
+
+    def __init__(
+        self, discriminator: GrowingNetwork, cfg: TrainConfig, scores: nn.Module | None = None
+    ) -> None:
+        super().__init__()
+        self.D = discriminator
+        self.cfg = cfg
+        # a list, so that a compiled D is not registered as a second submodule
+        self.score_fns = [discriminator if scores is None else scores]
+
+    def forward(
+        self,
+        real: torch.Tensor,
+        fake: torch.Tensor,
+        level: int,
+        alpha: Alpha,
+        mix: torch.Tensor,
+        real_target: torch.Tensor | None = None,
+        fake_target: torch.Tensor | None = None,
+        r1: float = 0.0,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        score = self.score_fns[0]
+        if r1:  # R1 differentiates this very pass on the reals: eager, as the GP's
+            real = real.detach().requires_grad_(True)
+            score = self.D
+        d_real = score(real, level, alpha)
+        d_fake = self.score_fns[0](fake, level, alpha)
+        loss = discriminator_loss(self.cfg, d_real, d_fake, real_target, fake_target)
+        stats = {"d_real": d_real.detach().float().mean(), "d_fake": d_fake.detach().float().mean()}
+        if self.cfg.augment == "ada":  # ADA's overfitting signal, per step
+            stats["d_real_sign"] = d_real.detach().float().sign().mean()
+        if self.cfg.loss == "wgan-gp" and self.cfg.gp_lambda > 0:
+            gp = gradient_penalty(
+                lambda x: self.D(x, level, alpha), real, fake, mix, self.cfg.gp_target
+            )
+            loss = loss + self.cfg.gp_lambda * gp
+            stats["gp"] = gp.detach().mean()
+        if r1:
+            penalty = r1_penalty(d_real, real)
+            loss = loss + r1 * penalty
+            stats["r1"] = penalty.detach().mean()
+        return loss.mean(), stats

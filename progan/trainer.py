@@ -5,9 +5,9 @@ schedule (images shown), and turns real batches into optimizer steps. It runs th
 notebook, in a plain loop (`pipeline.phases.local`), or inside a Ray Train worker, where the
 pipeline passes a `wrap` function (DDP) applied to what is trained in each phase.
 
-All randomness of a step (latents, GP mixing, mirroring, noise) is drawn from a generator
-seeded by (seed, rank, images shown): the run is a pure function of its position, so a
-resumed run continues the same curve bit-for-bit on CPU, and ranks draw different latents.
+All randomness of a step (latents, GP mixing, mirroring, noise, augmentation) is drawn from
+a generator seeded by (seed, rank, images shown): the run is a pure function of its position,
+so a resumed run continues the same curve bit-for-bit on CPU, and ranks draw different latents.
 """
 
 from __future__ import annotations
@@ -25,61 +25,21 @@ from progan.acceleration import (
     make_optimizer,
     uses_cuda_graphs,
 )
+from progan.augment import Augmentation
 from progan.checkpoint import rng_state, set_rng_state
-from progan.config import GANConfig, ModelConfig, TrainConfig
+from progan.config import GANConfig, ModelConfig
 from progan.ema import make_ema, update_ema
 from progan.layers import shared_scaled_weights
-from progan.losses import BCE_LOSSES, discriminator_loss, generator_loss, gradient_penalty
+from progan.losses import BCE_LOSSES, DiscriminatorObjective, generator_loss, r1_weight
 from progan.models import build_networks
 from progan.monitor import NonFiniteLossError, StepMonitor
-from progan.networks import Alpha, GrowingNetwork, fade_in_real, is_fading
+from progan.networks import Alpha, fade_in_real, is_fading
 from progan.schedule import Phase, SchedulePoint, phase_plan, point_in_plan
 
 Wrap = Callable[[nn.Module], nn.Module]
 CHECKED_LOSSES = ("d_loss", "g_loss")
 
 __all__ = ["GANTrainer", "NonFiniteLossError"]
-
-
-class DiscriminatorObjective(nn.Module):
-    """D's whole loss as one module forward, so DDP sees one forward and one backward.
-
-    Returns (mean loss, stats). The gradient penalty's inner autograd.grad happens inside
-    this forward; the outer `.backward()` is the only one DDP reduces. `scores` scores the
-    reals and fakes (a compiled D); the penalty's pass always runs D eagerly (it needs a
-    double backward).
-    """
-
-    def __init__(
-        self, discriminator: GrowingNetwork, cfg: TrainConfig, scores: nn.Module | None = None
-    ) -> None:
-        super().__init__()
-        self.D = discriminator
-        self.cfg = cfg
-        # a list, so that a compiled D is not registered as a second submodule
-        self.score_fns = [discriminator if scores is None else scores]
-
-    def forward(
-        self,
-        real: torch.Tensor,
-        fake: torch.Tensor,
-        level: int,
-        alpha: Alpha,
-        mix: torch.Tensor,
-        real_target: torch.Tensor | None = None,
-        fake_target: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        d_real = self.score_fns[0](real, level, alpha)
-        d_fake = self.score_fns[0](fake, level, alpha)
-        loss = discriminator_loss(self.cfg, d_real, d_fake, real_target, fake_target)
-        stats = {"d_real": d_real.detach().float().mean(), "d_fake": d_fake.detach().float().mean()}
-        if self.cfg.loss == "wgan-gp" and self.cfg.gp_lambda > 0:
-            gp = gradient_penalty(
-                lambda x: self.D(x, level, alpha), real, fake, mix, self.cfg.gp_target
-            )
-            loss = loss + self.cfg.gp_lambda * gp
-            stats["gp"] = gp.detach().mean()
-        return loss.mean(), stats
 
 
 def to_model_range(images: torch.Tensor) -> torch.Tensor:
@@ -122,6 +82,7 @@ class GANTrainer:
         self.phase: Phase | None = None  # phase the modules are currently set up for
         self.generator = torch.Generator(self.device)
         self.monitor = StepMonitor(CHECKED_LOSSES, self.device, cfg.train.check_finite)
+        self.augment = Augmentation(cfg.train, self.device, world_size)  # identity for 'none'
         self.host_stats: dict[str, float] = {}  # known on the host: alpha, lr, resolution
         # a fading phase's alpha for compiled networks: refilled in place, never recompiled
         self.alpha_tensor = torch.zeros((), device=self.device)
@@ -201,6 +162,10 @@ class GANTrainer:
         sigma = self.cfg.train.instance_noise
         return images + sigma * self._randn(*images.shape) if sigma > 0 else images
 
+    def _seen_by_d(self, images: torch.Tensor) -> torch.Tensor:
+        """What D is shown of `images`: augmented (`train.augment`), then instance noise."""
+        return self._noisy(self._to_memory_format(self.augment(images, self.generator)))
+
     def _label_targets(self, n: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if self.cfg.train.label_noise != "beta" or self.cfg.train.loss not in BCE_LOSSES:
             return None, None
@@ -273,6 +238,7 @@ class GANTrainer:
         self.D.train()
 
         for real in batches:
+            d_index = (self.images_shown - point.phase.start_images) // point.batch_size
             real = self._prepare_real(real, alpha, fading)
             n = real.shape[0]
             with torch.no_grad(), self._autocast():
@@ -282,17 +248,21 @@ class GANTrainer:
             real_target, fake_target = self._label_targets(n)
             with self._autocast(), shared_scaled_weights():  # D runs 3 times in this graph
                 d_loss, d_stats = self.D_train(
-                    self._noisy(real),
-                    self._noisy(fake),
+                    self._seen_by_d(real),
+                    self._seen_by_d(fake),
                     level,
                     net_alpha,
                     mix,
                     real_target,
                     fake_target,
+                    r1_weight(t, d_index),
                 )
             monitor.observe("d_loss", d_loss, self.images_shown)
-            for name, value in d_stats.items():
+            for name, value in {**d_stats, **self.augment.stats()}.items():
                 monitor.observe(name, value, self.images_shown)
+            if self.augment.ada is not None:
+                self.augment.ada.observe(d_stats["d_real_sign"], n)
+                self.augment.ada.step_done(d_index)
             self.opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
             self.opt_d.step()
@@ -307,7 +277,7 @@ class GANTrainer:
                 with self._autocast():
                     z = self._randn(n, self.cfg.model.latent_size)
                     fake = self._to_memory_format(self.G_train(z, level, net_alpha))
-                    d_fake = self.D_fast(self._noisy(fake), level, net_alpha)
+                    d_fake = self.D_fast(self._seen_by_d(fake), level, net_alpha)
                     g_loss = generator_loss(t, d_fake).mean()
                 monitor.observe("g_loss", g_loss, self.images_shown)
                 self.opt_g.zero_grad(set_to_none=True)
@@ -344,6 +314,7 @@ class GANTrainer:
             "resolution": point.resolution,
             "alpha": point.alpha,
             "rng": rng_state(),
+            **({"ada": self.augment.ada.state_dict()} if self.augment.ada is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -364,6 +335,8 @@ class GANTrainer:
         self.opt_d.load_state_dict(state["opt_d"])
         self.images_shown = int(state["images_shown"])
         self.optimizer_phase = int(state["optimizer_phase"])
+        if self.augment.ada is not None and "ada" in state:  # else p starts at 0
+            self.augment.ada.load_state_dict(state["ada"])
         self.phase = None
         set_rng_state(state["rng"])
 

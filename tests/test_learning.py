@@ -100,6 +100,25 @@ def test_tiny_progan_learns_the_image_statistics():
     assert_diverse(fake, real)
 
 
+# The small-data recipe on the same data: logistic loss, lazy R1, DiffAugment (p = 1). At
+# the end of this test: 0.157 of the start's distance, diversity 0.81. With D's fakes left
+# un-augmented (reals only: the leak DiffAugment avoids, G then learns the augmented
+# images) it ends at 0.316; 0.25 keeps ~1.3x from that and ~1.6x from the recipe.
+RECIPE = PROGAN.model_copy(
+    update={
+        "train": PROGAN.train.model_copy(
+            update={"loss": "logistic", "r1_gamma": 0.1, "r1_every": 4, "augment": "diffaugment"}
+        )
+    }
+)
+
+
+def test_the_small_data_recipe_learns_the_statistics_without_leaking_augmentations():
+    before, after, fake, real = train_and_measure(RECIPE)
+    assert after < 0.25 * before, (before, after)
+    assert_diverse(fake, real)
+
+
 def test_dcgan_learns_the_image_statistics():
     before, after, fake, real = train_and_measure(DCGAN)
     assert after < 0.5 * before, (before, after)

@@ -7,13 +7,19 @@ from pipeline.config import ConfigError, load_config, parse_overrides
 from pipeline.dataset import ensure_dataset
 from tests.conftest import REPO_ROOT
 
-PRESETS = ["demo", "celeba-64", "celeba-128", "celebahq-1024"]
+PRESETS = ["demo", "small-data-32", "celeba-64", "celeba-128", "celebahq-1024"]
 
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["train.bogus=1"], "train.bogus: unknown key; allowed here: betas"),
+        (["train.bogus=1"], "train.bogus: unknown key; allowed here: ada_interval, ada_kimg"),
+        (
+            ["train.augment_policy=color,rotate"],
+            "train.augment_policy: must be distinct names from color, translation, cutout",
+        ),
+        (["train.augment=adaptive"], "train.augment: Input should be 'none', 'diffaugment'"),
+        (["train.r1_every=0"], "train.r1_every: Input should be greater than or equal to 1"),
         (["nope.x=1"], "nope: unknown key; allowed here: data, eval, model"),
         (["scaling.num_workers=two"], "scaling.num_workers: Input should be a valid integer"),
         (["model.resolution=48"], "model.resolution: must be a power of two in 4..1024"),

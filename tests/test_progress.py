@@ -63,6 +63,19 @@ def test_a_terminal_gets_the_two_line_display_with_run_and_phase():
     assert "64 img/s" in text and "SWD 99.0" in text
 
 
+def test_the_augmentation_probability_is_shown_with_the_losses_when_reported():
+    phases = plan()
+    shown, out = console(terminal=False)
+    display = ProgressDisplay("r4", phases, shown)
+    stats = {"images_shown": 16, "images_per_s": 50.0, "d_loss": 1.0, "g_loss": 2.0}
+    display.point(0, stats)
+    display.point(0, {**stats, "augment_p": 0.125})
+    first, second = out.getvalue().splitlines()
+    assert first.endswith("d_loss 1.000 g_loss 2.000")  # no augmentation: as before
+    assert second.endswith("d_loss 1.000 g_loss 2.000 augment_p 0.125")
+    assert display.progress.augment_p == 0.125
+
+
 def test_a_new_phase_forgets_the_previous_phase_speed_and_losses():
     phases = plan()
     shown, _ = console(terminal=False)

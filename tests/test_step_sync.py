@@ -66,7 +66,14 @@ def host_reads(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("train", [{}, {"bf16": True, "n_critic": 2}], ids=["fp32", "bf16"])
+RECIPE = {"loss": "logistic", "r1_gamma": 1.0, "r1_every": 2, "augment": "ada", "ada_interval": 1}
+
+
+@pytest.mark.parametrize(
+    "train",
+    [{}, {"bf16": True, "n_critic": 2}, RECIPE, {**RECIPE, "augment": "diffaugment"}],
+    ids=["fp32", "bf16", "ada+lazy-r1", "diffaugment"],
+)
 def test_no_host_read_between_log_points(host_reads, train):
     n_critic = train.get("n_critic", 1)
     cfg = tiny_config(train=train, schedule={"transition_kimg": 0.064 * n_critic})

@@ -65,7 +65,8 @@ def write_spec(tmp_path: Path, spec: dict, name: str = "spec.yaml") -> Path:
         (
             "search_space",
             {"train.lrr": {"choice": [1]}},
-            "search_space.train.lrr: unknown config key 'lrr' in 'train'; allowed there: betas",
+            "search_space.train.lrr: unknown config key 'lrr' in 'train'; allowed there: "
+            "ada_interval, ada_kimg",
         ),
         (
             "search_space",
@@ -161,6 +162,28 @@ def test_spec_overrides_dry_run_and_missing_searcher(tmp_path, capsys):
             load_sweep(
                 spec, ["search.algorithm=optuna", "search_space.train.ema_beta={choice: [0]}"]
             )
+
+
+@pytest.mark.parametrize(
+    "spec", sorted((REPO_ROOT / "conf" / "tune").glob("*.yaml")), ids=lambda path: path.stem
+)
+def test_every_shipped_spec_loads(spec, tmp_path, monkeypatch):
+    from pipeline.search.sweep import load_sweep
+
+    monkeypatch.chdir(tmp_path)  # run.root is relative: nothing is made in the project
+    sweep = load_sweep(spec, [], name="x")
+    assert sweep.dimensions and sweep.trial_phases >= 2
+    if spec.stem == "small-data":  # the recipe's knobs, over the small-data preset
+        assert {d.key for d in sweep.dimensions} == {
+            "train.augment",
+            "train.augment_policy",
+            "train.ada_target",
+            "train.r1_gamma",
+            "train.r1_every",
+        }
+        train = sweep.trial_cfg.train
+        assert (train.loss, train.augment, train.ada_kimg) == ("logistic", "ada", 10.0)
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ from progan.trainer import GANTrainer, NonFiniteLossError
 
 WorkerFn = Callable[[dict[str, Any]], None]
 # what rank 0 sends the driver's progress display at each log point
-PROGRESS_STATS = ("images_shown", "alpha", "images_per_s", "d_loss", "g_loss")
+PROGRESS_STATS = ("images_shown", "alpha", "images_per_s", "d_loss", "g_loss", "augment_p")
 
 
 def ddp_wrapper(device: torch.device):

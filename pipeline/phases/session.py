@@ -44,8 +44,12 @@ from progan.sampling import fixed_latents, generate, save_grid
 from progan.schedule import Phase
 from progan.trainer import GANTrainer
 
-# The loop's stats that go to the trackers and the console.
-LOGGED_STATS = ("d_loss", "g_loss", "gp", "d_real", "d_fake", "alpha", "lr", "images_per_s")
+# The loop's stats that go to the trackers and the console (r1, augment_p and d_real_sign:
+# only with train.r1_gamma / train.augment on).
+LOGGED_STATS = (
+    *("d_loss", "g_loss", "gp", "r1", "d_real", "d_fake", "d_real_sign", "augment_p"),
+    *("alpha", "lr", "images_per_s"),
+)
 
 
 @dataclass(frozen=True)

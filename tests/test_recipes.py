@@ -1,0 +1,178 @@
+"""The small-data recipes inside the trainer: the paper's path unchanged bit for bit, lazy R1
+against a per-step reference, and ADA's p carried by checkpoints."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+
+import pytest
+import torch
+
+import progan.augment
+import progan.losses
+from progan.checkpoint import load_checkpoint, save_checkpoint
+from progan.losses import DiscriminatorObjective
+from progan.trainer import GANTrainer
+from tests.helpers import run_steps, tiny_config, torch_threads
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    with torch_threads(1):
+        yield
+
+
+# G, D and G_ema after 10 steps (the 4x4 phase and 2 steps of the 8x8 fade-in) of
+# `tiny_config`, computed with the code at 1f40a0a, before the recipes existed: CPU, fp32,
+# one thread, torch 2.14.1. Another torch may round differently: the test says so and skips.
+GOLDEN_TORCH = "2.14.1+cu130"
+GOLDEN = {
+    "paper": (
+        {},
+        "3c2fedaa3c090d524559c08e418cd616",
+        "168f45a0f44bc88921c268e94c1a032f",
+        "ce48576aa25f5075d40601e701c2a2e6",
+    ),
+    "bce-rmsprop-noise": (
+        {"loss": "bce", "optimizer": "rmsprop", "label_noise": "beta", "instance_noise": 0.1},
+        "a52ab4ef068c58700ae90dcad8438953",
+        "d65421062550124c6d4f15c48d0d5dc8",
+        "54f2ed944ae5e98df683d7ef715e139e",
+    ),
+}
+# every new option at its off value, and the inert ones away from their defaults
+ALL_OFF = {
+    "r1_gamma": 0.0,
+    "r1_every": 3,
+    "augment": "none",
+    "augment_policy": "cutout",
+    "augment_p": 0.5,
+    "ada_target": 0.9,
+    "ada_interval": 1,
+    "ada_kimg": 1.0,
+}
+
+
+def digest(module: torch.nn.Module) -> str:
+    """Names and bytes of every tensor of the state dict (32 hex digits of SHA-256)."""
+    h = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def never(*args, **kwargs):
+    raise AssertionError("a recipe's code ran with every recipe off")
+
+
+@pytest.mark.parametrize("name", list(GOLDEN))
+def test_the_paper_path_trains_the_same_weights_as_before_the_recipes(name, monkeypatch):
+    if torch.__version__ != GOLDEN_TORCH:
+        pytest.skip(f"golden digests are of torch {GOLDEN_TORCH}, this is {torch.__version__}")
+    for module, attr in [
+        (progan.augment, "diff_augment"),
+        (progan.losses, "r1_penalty"),
+        (progan.augment.AdaptiveProbability, "observe"),
+    ]:
+        monkeypatch.setattr(module, attr, never)
+    train, *expected = GOLDEN[name]
+    trainer = GANTrainer(tiny_config(train=train))
+    stats = run_steps(trainer, 10)
+    assert [digest(trainer.G), digest(trainer.D), digest(trainer.G_ema)] == expected
+    assert not {"augment_p", "r1", "d_real_sign"} & set(stats[-1])
+    assert "ada" not in trainer.state_dict()
+
+
+@pytest.mark.parametrize("train", [{}, {"loss": "logistic", "n_critic": 2}])
+def test_every_recipe_explicitly_off_equals_the_defaults(train):
+    steps = 10 // train.get("n_critic", 1)
+    default = GANTrainer(tiny_config(train=train))
+    off = GANTrainer(tiny_config(train={**train, **ALL_OFF}))
+    assert run_steps(default, steps) == run_steps(off, steps)
+    for net in ("G", "D", "G_ema"):
+        assert digest(getattr(default, net)) == digest(getattr(off, net)), net
+
+
+def per_step_r1(monkeypatch, gamma: float, every: int) -> None:
+    """Make D's objective add gamma/2 * every * |grad D(real)|^2 on every `every`-th call
+    from a pass of its own: R1 written out, not the trainer's lazy schedule or shared pass.
+    (Counted over the run: the tiny phases have 8 D steps, so this is also per phase.)"""
+    original = DiscriminatorObjective.forward
+    calls = itertools.count()
+
+    def forward(self, real, fake, level, alpha, mix, real_target=None, fake_target=None, r1=0.0):
+        assert r1 == 0.0  # the trainer under test runs with r1_gamma 0
+        loss, stats = original(self, real, fake, level, alpha, mix, real_target, fake_target)
+        if next(calls) % every == 0:
+            x = real.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(self.D(x, level, alpha).sum(), x, create_graph=True)
+            loss = loss + gamma / 2 * every * grad.square().flatten(1).sum(1).mean()
+        return loss, stats
+
+    monkeypatch.setattr(DiscriminatorObjective, "forward", forward)
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_lazy_r1_equals_r1_written_out_per_step(every, monkeypatch):
+    """r1_every=1 is R1 at every D step; r1_every=2 is twice the weight every other step."""
+    gamma, steps = 2.0, 10
+    train = {"loss": "logistic", "r1_gamma": gamma, "r1_every": every}
+    lazy = GANTrainer(tiny_config(train=train))
+    stats = run_steps(lazy, steps)
+    assert all("r1" in s for s in stats)  # the monitor keeps the last R1 between lazy steps
+    with monkeypatch.context() as patch:
+        per_step_r1(patch, gamma, every)
+        reference = GANTrainer(tiny_config(train={**train, "r1_gamma": 0.0}))
+        expected = run_steps(reference, steps)
+    for net in ("G", "D", "G_ema"):
+        for mine, theirs in zip(
+            getattr(lazy, net).parameters(), getattr(reference, net).parameters(), strict=True
+        ):
+            torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+    mine_d, theirs_d = [s["d_loss"] for s in stats], [s["d_loss"] for s in expected]
+    assert mine_d == pytest.approx(theirs_d, rel=1e-5, abs=1e-6)
+    plain = run_steps(GANTrainer(tiny_config(train={**train, "r1_gamma": 0.0})), steps)
+    assert [s["d_loss"] for s in plain] != pytest.approx(mine_d, rel=1e-3)  # R1 did act
+
+
+def offset_d(trainer: GANTrainer, offset: float) -> GANTrainer:
+    """Shift every D score by `offset` (> 0: D leans to 'real', so ADA's p rises)."""
+    forward = trainer.D.forward
+    trainer.D.forward = lambda x, level, alpha=1.0: forward(x, level, alpha) + offset
+    return trainer
+
+
+def test_a_resumed_ada_run_continues_with_the_same_p(tmp_path):
+    """Cut mid-interval and mid lazy-R1 cycle: the checkpoint holds p and the interval's
+    signs, so the resumed run equals the uninterrupted one, every stat and weight."""
+    train = {
+        "loss": "logistic",
+        "r1_gamma": 1.0,
+        "r1_every": 3,
+        "augment": "ada",
+        "ada_interval": 3,
+        "ada_kimg": 0.2,
+    }
+    cfg = tiny_config(train=train)
+    total, cut = 20, 12
+    full = offset_d(GANTrainer(cfg), 2.0)
+    expected = run_steps(full, total)
+
+    first = offset_d(GANTrainer(cfg), 2.0)
+    before = run_steps(first, cut)
+    assert before[-1]["augment_p"] > 0 and first.augment.ada.signs[1] == 8  # mid-interval
+    path = save_checkpoint(first.state_dict(), tmp_path / "ckpt.pt")
+    resumed = offset_d(GANTrainer.from_state(load_checkpoint(path)), 2.0)
+    assert resumed.augment.ada.p == first.augment.ada.p
+    after = run_steps(resumed, total - cut)
+
+    # the same stats, except that a fresh process reports no R1 before its first lazy step
+    # (D steps 4 and 5 of the 8x8 phase: R1 ran at 3, next at 6)
+    assert ["r1" in s for s in after] == [False, False] + [True] * (total - cut - 2)
+    stale = [{**s, "r1": None} if i in (cut, cut + 1) else s for i, s in enumerate(expected)]
+    assert before + [{**s, "r1": s.get("r1")} for s in after] == stale
+    assert full.augment.ada.p == resumed.augment.ada.p > before[-1]["augment_p"]
+    for net in ("G", "D", "G_ema"):
+        assert digest(getattr(full, net)) == digest(getattr(resumed, net)), net
