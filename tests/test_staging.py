@@ -183,3 +183,22 @@ def test_train_local_stages_each_resolution_once_and_a_second_run_downloads_noth
     assert downloads == [data_file(4), data_file(8)]
     second = [e["action"] for e in staged if e["pid"] == staged[-1]["pid"]]
     assert second == ["hit"] * 6  # each of 3 phases: its training and its evaluation
+
+
+def test_uris_keep_their_query_and_get_their_password_back():
+    """`join` puts path parts before a URI's query (pyarrow's endpoint options); `display`
+    drops the query and credentials; a checkpoint URI stored redacted gets the password back."""
+    from pipeline.driver.storage import checkpoint_uri, with_storage_credentials
+    from pipeline.tracking.secrets import redact_uri
+    from preprocessing.object_store import display, join
+
+    storage = "s3://key:pw-123456@bucket/ray?endpoint_override=127.0.0.1:9000&scheme=http"
+    uri = checkpoint_uri(storage, "run-00-0004-stabilize", "/tmp/x/images-000000096")
+    assert uri == (
+        "s3://key:pw-123456@bucket/ray/run-00-0004-stabilize/images-000000096"
+        "?endpoint_override=127.0.0.1:9000&scheme=http"
+    )
+    assert display(uri) == "s3://bucket/ray/run-00-0004-stabilize/images-000000096"
+    assert with_storage_credentials(redact_uri(uri), storage) == uri
+    assert join("/data/set", "res-0008", "data.mdb") == "/data/set/res-0008/data.mdb"
+    assert with_storage_credentials("/r/a/images-1", "/r") == "/r/a/images-1"

@@ -43,8 +43,12 @@ def checkpoint_uri(storage: str, ray_name: str, checkpoint_path: str) -> str:
 def with_storage_credentials(uri: str, storage: str) -> str:
     """A checkpoint URI read back from state.json (its storage password redacted there)
     under this run's `storage`, with the password back."""
-    masked = redact_uri(storage).rstrip("/")
-    return storage.rstrip("/") + uri[len(masked) :] if uri.startswith(masked) else uri
+    masked = redact_uri(storage)
+    if masked == storage:
+        return uri
+    # the part before the path (scheme://user:***@host) is what redaction changed
+    head = masked[: masked.index("@") + 1]
+    return storage[: storage.index("@") + 1] + uri[len(head) :] if uri.startswith(head) else uri
 
 
 def write_text(uri: str, text: str) -> None:
