@@ -44,7 +44,7 @@ def start_moto(folder: Path) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    moto = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
+    moto = str(Path(sys.executable).parent / "moto_server")  # this venv's, not one on PATH
     log = open(folder / "moto.log", "wb")  # noqa: SIM115 (lives as long as the server)
     proc = subprocess.Popen(
         [moto, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
@@ -129,6 +129,10 @@ def main() -> None:
                 f"| {res} | {local[0]:,.0f} | {staged[0]:,.0f} "
                 f"| {local[1]:,.0f} | {staged[1]:,.0f} |"
             )
+    except Exception:
+        if proc is not None:
+            print((work / "moto.log").read_text()[-3000:], file=sys.stderr)
+        raise
     finally:
         if proc is not None:
             proc.terminate()
