@@ -175,17 +175,20 @@ def prepare_dataset(
     address: str | None = None,
     progress: bool = False,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    node_local: bool = False,
     **options,
 ) -> PrepareSummary:
     """Prepare (or resume, or confirm) the dataset for `source` in `out_dir`.
 
-    `options` are further PrepareConfig fields (crop, margin, min_face_size, min_prob,
-    multi_face, record_format, shard_size, limit, ...). `workers` MTCNN actors with
-    `gpus_per_worker` GPU each (see `resources.plan_workers`). Uses the running Ray if there
-    is one, else starts one (`address` to join a cluster). `timeout_s` bounds every wait
-    (listing, actor start, no shard finishing, a merge). Raises ConfigError for bad values,
-    SourceError for an unusable source, ResourceError for an unschedulable request and
-    PrepareError when `out_dir` holds another dataset or a wait timed out.
+    `node_local` keeps every task on this machine's Ray node (`out_dir` is on its disk
+    only: a prepare into object storage). `options` are further PrepareConfig fields (crop,
+    margin, min_face_size, min_prob, multi_face, record_format, shard_size, limit, ...).
+    `workers` MTCNN actors with `gpus_per_worker` GPU each (see `resources.plan_workers`).
+    Uses the running Ray if there is one, else starts one (`address` to join a cluster).
+    `timeout_s` bounds every wait (listing, actor start, no shard finishing, a merge).
+    Raises ConfigError for bad values, SourceError for an unusable source, ResourceError for
+    an unschedulable request and PrepareError when `out_dir` holds another dataset or a
+    wait timed out.
     """
     if is_uri(out_dir):
         kwargs = {"workers": workers, "gpus_per_worker": gpus_per_worker, "address": address}
@@ -224,17 +227,18 @@ def prepare_dataset(
             plan = WorkerPlan(1, 0.0)
             if not in_process:  # resources checked before anything is written or started
                 started_ray = ensure_ray(address, **QUIET_RAY) or started_ray
-                plan = plan_workers(alive_node_resources(), workers, gpus_per_worker, len(pending))
+                here = alive_node_resources(this_node_only=node_local)
+                plan = plan_workers(here, workers, gpus_per_worker, len(pending))
             (out / PROGRESS).mkdir(parents=True, exist_ok=True)
             write_json_atomic(out / PROGRESS / "run.json", run, sort_keys=True)
             stats = {"nodes": set(), "timings": {}}
             if pending and in_process:
                 stats = run_in_process(out, src, config, pending)
             elif pending:
-                stats = run_shards(out, src, config, pending, plan, timeout_s, progress)
+                stats = run_shards(out, src, config, pending, plan, timeout_s, progress, node_local)
             t_merge = time.perf_counter()
             _close_own_readers(out)
-            counts = merge(out, len(shards), resolutions, timeout_s, in_process)
+            counts = merge(out, len(shards), resolutions, timeout_s, in_process, node_local)
             merge_s = time.perf_counter() - t_merge
         finally:
             if started_ray:
@@ -259,8 +263,8 @@ def _prepare_into_uri(source, uri: str, resolution: int, force: bool, **kwargs) 
     work folder is removed. A dataset already published from the same source and config is
     confirmed without work; another one at the URI is refused without `force`.
 
-    The work folder is on this machine: on a multi-node Ray cluster the shard workers must
-    see it too (run the prepare on one node, e.g. the head through `progan submit`)."""
+    The work folder is on this machine's disk, so every task runs on its Ray node
+    (`node_local`): on a cluster, the node of the driver (the head under `progan submit`)."""
     from preprocessing.object_store import display
     from preprocessing.staging import (
         dataset_folder,
@@ -289,7 +293,7 @@ def _prepare_into_uri(source, uri: str, resolution: int, force: bool, **kwargs) 
             )
         return _summary_from_manifest(uri, remote, time.perf_counter() - t_start)
     work = dataset_folder(default_cache_root() / "prepare", uri)
-    summary = prepare_dataset(source, work, resolution, force=force, **kwargs)
+    summary = prepare_dataset(source, work, resolution, force=force, node_local=True, **kwargs)
     publish(work, uri)
     shutil.rmtree(work, ignore_errors=True)
     summary.out_dir = display(uri)

@@ -131,9 +131,16 @@ class ShardWorker:
 
 
 def build_dataset(
-    rows: list[dict], reader: SourceReader, config: PrepareConfig, out: Path, plan: WorkerPlan
+    rows: list[dict],
+    reader: SourceReader,
+    config: PrepareConfig,
+    out: Path,
+    plan: WorkerPlan,
+    placement: dict | None = None,
 ):
-    """The lazy Ray Dataset of one summary row per pending shard."""
+    """The lazy Ray Dataset of one summary row per pending shard; `placement`: Ray options
+    for every stage (a node affinity where `out` is one node's disk)."""
+    placement = placement or {}
     import ray.data
 
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
@@ -144,9 +151,14 @@ def build_dataset(
             fn_constructor_kwargs={"config": config, "reader": reader, "out_dir": str(out)},
             compute=ray.data.ActorPoolStrategy(size=plan.workers),
             num_cpus=1,
+            **placement,
         )
     ds = ds.map_batches(
-        read_decode, batch_size=1, fn_kwargs={"reader": reader, "config": config}, num_cpus=1
+        read_decode,
+        batch_size=1,
+        fn_kwargs={"reader": reader, "config": config},
+        num_cpus=1,
+        **placement,
     )
     ds = ds.map_batches(
         Detector,
@@ -155,12 +167,14 @@ def build_dataset(
         compute=ray.data.ActorPoolStrategy(size=plan.workers),
         num_cpus=1,
         num_gpus=plan.gpus_per_worker,
+        **placement,
     )
     return ds.map_batches(
         crop_and_write,
         batch_size=1,
         fn_kwargs={"config": config, "out_dir": str(out)},
         num_cpus=1,
+        **placement,
     )
 
 

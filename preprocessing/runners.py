@@ -61,23 +61,29 @@ def _get_all(refs: dict, timeout_s: float, what: str) -> dict:
 
 
 def merge(
-    out: Path, shards: int, resolutions: list[int], timeout_s: float, in_process: bool
+    out: Path,
+    shards: int,
+    resolutions: list[int],
+    timeout_s: float,
+    in_process: bool,
+    pinned: bool = False,
 ) -> dict[int, int]:
     """Merge shard files into the LMDBs: one 1-CPU task per resolution, in parallel (in
-    this process when `in_process`)."""
+    this process when `in_process`; on this node when `pinned`)."""
     from preprocessing.merge import merge_resolution
 
     if in_process:
         return {r: merge_resolution(str(out), shards, r, r == resolutions[0]) for r in resolutions}
     import ray
 
-    task = ray.remote(num_cpus=1, max_retries=1)(merge_resolution)
+    task = ray.remote(num_cpus=1, max_retries=1)(merge_resolution).options(**this_node(pinned))
     refs = {res: task.remote(str(out), shards, res, res == resolutions[0]) for res in resolutions}
     return _get_all(refs, timeout_s, "merging the shard files into res-NNNN")
 
 
-def run_shards(out, src, config, pending, plan, timeout_s, progress) -> dict:
-    """Run the pending shards on Ray Data; returns nodes used and summed stage timings."""
+def run_shards(out, src, config, pending, plan, timeout_s, progress, pinned=False) -> dict:
+    """Run the pending shards on Ray Data (on this node only when `pinned`); returns nodes
+    used and summed stage timings."""
     from preprocessing.ray_stages import (
         StallError,
         build_dataset,
@@ -90,7 +96,7 @@ def run_shards(out, src, config, pending, plan, timeout_s, progress) -> dict:
         {"shard": i, "keys": keys, "locations": [src.location(k) for k in keys]}
         for i, keys in pending
     ]
-    dataset = build_dataset(rows, src.reader(), config, out, plan)
+    dataset = build_dataset(rows, src.reader(), config, out, plan, this_node(pinned))
     done = len(src.keys) - sum(len(k) for _, k in pending)
     bar = _progress_bar(len(src.keys), done, progress)
     sizes = dict(pending)
@@ -149,10 +155,24 @@ def ensure_ray(address: str | None = None, **init: Any) -> bool:
     return True
 
 
-def alive_node_resources() -> list[dict[str, float]]:
+def alive_node_resources(this_node_only: bool = False) -> list[dict[str, float]]:
+    """The resources of every alive node (or only of the node this process runs on)."""
     import ray
 
-    return [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    here = ray.get_runtime_context().get_node_id()
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    return [n["Resources"] for n in nodes if not this_node_only or n["NodeID"] == here]
+
+
+def this_node(pinned: bool) -> dict:
+    """Ray options that keep a task or actor on this process's node (when `pinned`)."""
+    if not pinned:
+        return {}
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(here, soft=False)}
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):

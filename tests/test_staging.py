@@ -124,7 +124,8 @@ def test_progan_prepare_publishes_into_a_bucket_and_confirms_it_on_a_rerun(s3, l
     uri = s3.uri("celeba-16")
     env = {**os.environ, "PROGAN_CACHE_DIR": str(tmp_path / "work")}
     command = [sys.executable, "-m", "pipeline.cli", "prepare", str(photos), uri]
-    options = ["--resolution", "16", "--detector", "none"]
+    # 3 shards: Ray Data workers (kept on this node: the work folder is on its disk)
+    options = ["--resolution", "16", "--detector", "none", "--shard-size", "16", "--workers", "1"]
 
     def prepare(*extra: str) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -135,8 +136,7 @@ def test_progan_prepare_publishes_into_a_bucket_and_confirms_it_on_a_rerun(s3, l
     assert out.returncode == 0, out.stderr[-3000:]
     assert "s3://progan-test/celeba-16" in out.stdout and "endpoint_override" not in out.stdout
     manifest = read_manifest(uri)
-    assert manifest["fingerprint"] == read_manifest(local)["fingerprint"]
-    assert manifest["counts"] == read_manifest(local)["counts"]
+    assert manifest["counts"] == read_manifest(local)["counts"]  # (another shard size)
     folder = stage(uri, [4, 16], tmp_path / "cache")
     assert same_images(folder, local, 16) and same_images(folder, local, 4)
     assert not list((tmp_path / "work").rglob("data.mdb"))  # the work folder is gone
