@@ -135,8 +135,8 @@ def stage(
         )
     with FolderLock(folder).wait(LOCK_WAIT_S):
         _replace_if_prepared_again(folder, manifest, uri)
+        keep = {folder / n for n in wanted}
         for name in wanted:
-            keep = {folder / n for n in wanted}
             _stage_file(uri, folder / name, files[name], root, keep, max_bytes)
     return folder
 
