@@ -333,6 +333,62 @@ def test_pbt_demo_sweep_exploits_and_shows_the_lineage_in_mlflow(dataset, tmp_pa
     assert (sweep_dir / "best.yaml").is_file()
 
 
+@pytest.mark.slow
+def test_pbt_copies_the_better_trial_when_its_metric_arrives_last(local_ray, tmp_path, monkeypatch):
+    """A trial reports a phase end as a checkpoint, then the metric at the same clock. When
+    the better trial's metric comes last it completes the synchronous step: Ray's PBT took
+    that trial's save (its last report, no checkpoint) and skipped the copy; the sweep's PBT
+    hands over the checkpoint registered at that clock."""
+    import tempfile
+
+    from ray import tune
+
+    from pipeline.search.schedulers import PhaseEndPBT
+
+    monkeypatch.setenv("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # checkpoints: no metric
+    worse_reported = tmp_path / "worse-reported"
+
+    def trainable(config: dict) -> None:
+        state = {"t": 0, "trained_by": config["score"]}  # whose state it is: their score
+        if restored := tune.get_checkpoint():
+            with restored.as_directory() as d:
+                state = json.loads((Path(d) / "state.json").read_text())
+        for t in [t for t in (1.0, 1.5) if t > state["t"]]:  # one PBT step, at t=1
+            with tempfile.TemporaryDirectory() as d:
+                (Path(d) / "state.json").write_text(json.dumps({**state, "t": t}))
+                tune.report({"t": t}, checkpoint=tune.Checkpoint.from_directory(d))
+            if config["score"] == 1.0:  # the better one: its metric after the worse one's
+                deadline = time.monotonic() + 60
+                while not worse_reported.exists() and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                time.sleep(2)
+            else:
+                worse_reported.touch()
+            tune.report({"t": t, "score": config["score"], "trained_by": state["trained_by"]})
+
+    pbt = PhaseEndPBT(
+        time_attr="t",
+        perturbation_interval=1,
+        hyperparam_mutations={"lr": [0.1, 0.2]},
+        quantile_fraction=0.5,
+        require_attrs=False,
+        synch=True,
+    )
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"score": tune.grid_search([1.0, 2.0]), "lr": 0.1},
+        tune_config=tune.TuneConfig(metric="score", mode="min", scheduler=pbt, reuse_actors=True),
+        run_config=tune.RunConfig(
+            storage_path=str(tmp_path / "ray"),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=4),
+            verbose=0,
+        ),
+    )
+    results = [r.metrics for r in tuner.fit()]
+    assert len(results) == 2 and all(r["t"] == 1.5 for r in results), results
+    assert [r["trained_by"] for r in results] == [1.0, 1.0], "the worse trial copied nothing"
+
+
 def test_asha_decisions_after_a_restart_still_compare_with_earlier_trials(tmp_path):
     """The sweep's ASHA saves its rungs after each decision and a new instance (what a
     resumed sweep builds) restores them: a worse trial arriving after the restart is
