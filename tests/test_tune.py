@@ -373,6 +373,7 @@ def test_pbt_copies_the_better_trial_when_its_metric_arrives_last(local_ray, tmp
         quantile_fraction=0.5,
         require_attrs=False,
         synch=True,
+        end=1.5,
     )
     tuner = tune.Tuner(
         trainable,
@@ -387,6 +388,22 @@ def test_pbt_copies_the_better_trial_when_its_metric_arrives_last(local_ray, tmp
     results = [r.metrics for r in tuner.fit()]
     assert len(results) == 2 and all(r["t"] == 1.5 for r in results), results
     assert [r["trained_by"] for r in results] == [1.0, 1.0], "the worse trial copied nothing"
+
+
+def test_pbt_decides_nothing_at_a_trials_last_clock():
+    """At the end of its budget a trial keeps its own generator: no step is even considered
+    (Ray's PBT would pause it and let it copy another's final checkpoint)."""
+    from types import SimpleNamespace
+
+    from pipeline.search.schedulers import PhaseEndPBT
+
+    pbt = PhaseEndPBT(
+        time_attr="kimg", perturbation_interval=1.5, hyperparam_mutations={"lr": [1, 2]}, end=4.5
+    )
+    pbt.set_search_properties("swd", "min")
+    trial = SimpleNamespace(trial_id="a", config={"lr": 1})  # no controller: nothing may act
+    assert pbt.on_trial_result(None, trial, {"kimg": 4.5, "swd": 9.0}) == "CONTINUE"
+    assert not pbt._trial_state  # never seen by PBT's own bookkeeping
 
 
 def test_asha_decisions_after_a_restart_still_compare_with_earlier_trials(tmp_path):

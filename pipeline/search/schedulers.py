@@ -65,7 +65,14 @@ class PhaseEndPBT(PopulationBasedTraining):
     Ray pauses with a save, and a copy into a trial whose save is still pending stops it
     without clearing the save, which leaves a STOP that ends the trial at its next
     checkpoint, before its evaluation.
+
+    At a trial's last clock (its whole budget) nothing is decided: a copy there would
+    replace its finished generator with another trial's.
     """
+
+    def __init__(self, *args: Any, end: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._end = end  # a trial's whole budget (kimg): no copying after training is over
 
     def _phase_end_checkpoint(self, trial: Trial, time: Any) -> Checkpoint | None:
         """The checkpoint Tune registered for `trial` at `time`, if its latest is there."""
@@ -75,8 +82,10 @@ class PhaseEndPBT(PopulationBasedTraining):
         return registered.checkpoint
 
     def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict) -> str:
-        decision = super().on_trial_result(tune_controller, trial, result)
         at = result.get(self._time_attr)
+        if at is not None and at >= self._end - 1e-9:  # the trial's last result: its own
+            return TrialScheduler.CONTINUE
+        decision = super().on_trial_result(tune_controller, trial, result)
         if decision == TrialScheduler.PAUSE and self._phase_end_checkpoint(trial, at) is not None:
             tune_controller.pause_trial(trial, should_checkpoint=False)
             return TrialScheduler.NOOP
@@ -130,5 +139,6 @@ def make_scheduler(sweep: Sweep):
             resample_probability=sch.resample_probability,
             require_attrs=False,  # mid-phase checkpoints carry no metric; PBT skips them
             synch=sch.synchronous,
+            end=sweep.trial_kimg,
         )
     return FIFOScheduler()  # no early stopping
