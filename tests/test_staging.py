@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,36 @@ def test_a_staged_resolution_is_verified_reused_and_fetched_again_when_damaged(s
     stage(uri, [8], cache)
     assert actions(cache, 2) == [(data_file(8), "refetch")]
     assert same_images(folder, local, 8)
+
+
+def _stage_in_a_process(uri: str, cache: str) -> str:
+    """`stage` in a worker process whose downloads take 3 s longer (so that two overlap)."""
+    import preprocessing.staging as staging
+
+    download = staging.download
+
+    def slow_download(*args):
+        time.sleep(3)
+        return download(*args)
+
+    staging.download = slow_download
+    return str(staging.stage(uri, [16], cache))
+
+
+def test_the_workers_of_a_node_share_one_download(s3, local, tmp_path):
+    """Two processes (two training workers of a node) stage the same resolution at once
+    (each download slowed to 3 s, so they overlap): one downloads, the other waits on the
+    dataset's lock and finds it there."""
+    import multiprocessing
+
+    uri = s3.uri("shared")
+    publish(local, uri)
+    cache = tmp_path / "cache"
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        folders = pool.starmap(_stage_in_a_process, [(uri, str(cache))] * 2)
+    assert folders[0] == folders[1]
+    assert sorted(actions(cache)) == [(data_file(16), "download"), (data_file(16), "hit")]
+    assert same_images(folders[0], local, 16)
 
 
 def test_the_cache_stays_under_its_limit_by_evicting_the_least_recently_used(s3, local, tmp_path):
