@@ -124,9 +124,9 @@ class TuneSpec(StrictModel):
     trial_driver: TrialDriverSection = Field(default_factory=TrialDriverSection)
     storage_path: str | None = Field(
         None,
-        description="where Tune keeps the trials' checkpoints and its experiment state (a "
-        "path every node sees, or a URI: s3://bucket/tune); the sweep is a folder named "
-        "after it there. Default: <sweep dir>/ray",
+        description="Tune's storage for the trials' checkpoints and its state (a path every "
+        "node sees, or a URI: s3://bucket/tune), in a folder named after the sweep "
+        "(default: <sweep dir>/ray)",
     )
 
 
@@ -149,19 +149,16 @@ class Sweep:
     tracking_uri: str
 
     @property
-    def experiment_storage(self) -> str:
-        """Tune's RunConfig storage_path: `storage_path` (a path or URI) or the sweep dir."""
-        return self.spec.storage_path or str(self.sweep_dir)
-
-    @property
-    def experiment_name(self) -> str:
-        """Tune's RunConfig name: the sweep's name in a shared storage, else "ray"."""
-        return "ray" if self.spec.storage_path is None else self.name
+    def experiment_location(self) -> tuple[str, str]:
+        """Tune's RunConfig (storage_path, name): the spec's `storage_path` (a path or URI)
+        and the sweep's name, or the sweep dir and "ray"."""
+        shared = self.spec.storage_path
+        return (shared, self.name) if shared else (str(self.sweep_dir), "ray")
 
     @property
     def experiment(self) -> str:
-        """Tune's experiment folder: `<storage_path>/<name>`, or `<sweep dir>/ray`."""
-        return join(self.experiment_storage, self.experiment_name)
+        """Tune's experiment folder (a path or URI)."""
+        return join(*self.experiment_location)
 
     @property
     def plan(self) -> list[Phase]:
@@ -232,13 +229,11 @@ def build_sweep(raw: dict[str, Any], sweep_dir: Path | None = None) -> Sweep:
         if _has(spec.trial, key):
             raise ConfigError(f"trial.{key}: set by the sweep for every trial; set it in base")
     try:
-        validate_config(
-            merge(base_raw, int_keys(spec.trial))
-        )  # errors named after the trial section
+        validate_config(merge(base_raw, int_keys(spec.trial)))  # errors named after `trial`
     except ConfigError as err:
         raise ConfigError(f"trial: {err}") from None
 
-    if spec.storage_path is not None and not is_uri(spec.storage_path):
+    if spec.storage_path and not is_uri(spec.storage_path):  # as any node sees it
         spec.storage_path = str(Path(spec.storage_path).absolute())
     name = spec.name or "sweep"
     if "/" in name or name in (".", ".."):

@@ -159,8 +159,8 @@ def make_tuner(sweep: Sweep, sweep_run_id: str, verbose: bool = False):
             reuse_actors=True,
         ),
         run_config=tune.RunConfig(
-            name=sweep.experiment_name,
-            storage_path=sweep.experiment_storage,
+            storage_path=sweep.experiment_location[0],
+            name=sweep.experiment_location[1],
             callbacks=[MlflowStatusCallback(sweep), progress],
             # PBT copies another trial's checkpoint: keep a few more of them
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2 if not pbt else 4),
@@ -208,7 +208,7 @@ def start_ray(sweep: Sweep, address: str | None, console: Console) -> None:
     prepare_data(sweep, console)
     cfg, uri = sweep.trial_cfg, sweep.tracking_uri
     sweep.sweep_dir.mkdir(parents=True, exist_ok=True)
-    check_cluster(cfg, uri, sweep.experiment_storage, worker_env(uri))
+    check_cluster(cfg, uri, sweep.experiment_location[0], worker_env(uri))
     console.print("preflight: nodes ok")
 
 
