@@ -10,7 +10,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from pipeline.config import BUILTIN_SAMPLE_FACES, ConfigError, PipelineConfig, is_uri
+from pipeline.config import BUILTIN_SAMPLE_FACES, ConfigError, PipelineConfig
 from preprocessing.object_store import display
 
 
@@ -59,8 +59,6 @@ def local_dataset(cfg: PipelineConfig, resolutions: list[int]) -> str:
     storage) this node's staged copy of `resolutions` (see preprocessing.staging)."""
     from preprocessing.staging import stage
 
-    if not is_uri(cfg.data.dataset):
-        return cfg.data.dataset
     max_bytes = int(cfg.data.cache_max_gb * 1e9)
     return str(stage(cfg.data.dataset, resolutions, cfg.data.cache_dir, max_bytes))
 

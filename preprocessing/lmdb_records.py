@@ -16,6 +16,7 @@ import lmdb
 import numpy as np
 from PIL import Image
 
+from preprocessing.object_store import is_uri
 from progan.files import atomic_file
 
 MANIFEST = "manifest.json"
@@ -147,7 +148,7 @@ def write_manifest(dataset_dir: str | os.PathLike, manifest: dict) -> None:
 def read_manifest(dataset_dir: str | os.PathLike) -> dict:
     """The manifest of a finished dataset (a folder, or a URI in object storage);
     FileNotFoundError with a clear message if none."""
-    if "://" in str(dataset_dir):
+    if is_uri(dataset_dir):
         from preprocessing.staging import read_remote_manifest
 
         return read_remote_manifest(str(dataset_dir))

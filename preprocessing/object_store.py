@@ -87,17 +87,16 @@ def upload(local: Path, uri: str) -> str:
 
 
 def download(uri: str, target: Path) -> str:
-    """Copy `uri` to `target` through `<target>.part` (renamed when complete); returns its
-    sha256, computed while it streams."""
+    """Copy `uri` to `target`, which appears only once complete (progan.files.atomic_file);
+    returns its sha256, computed while it streams."""
+    from progan.files import atomic_file
+
     fs, path = filesystem(uri)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    part = target.with_name(target.name + ".part")
     digest = hashlib.sha256()
-    with fs.open_input_stream(path) as source, open(part, "wb") as out:
+    with fs.open_input_stream(path) as source, atomic_file(target) as out:
         while chunk := source.read(CHUNK):
             digest.update(chunk)
             out.write(chunk)
-    os.replace(part, target)
     return digest.hexdigest()
 
 

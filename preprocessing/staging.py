@@ -93,7 +93,8 @@ def publish(local: Path, uri: str) -> dict:
     manifest = read_manifest(local)
     files: dict[str, dict] = {}
     names = [data_file(None)] + [data_file(int(r)) for r in manifest["resolutions"]]
-    extras = [p.name for p in local.iterdir() if p.is_file() and p.name not in (MANIFEST, ".lock")]
+    skip = (MANIFEST, FolderLock.NAME)  # the manifest goes last; the prepare's lock stays
+    extras = [p.name for p in local.iterdir() if p.is_file() and p.name not in skip]
     for name in names + sorted(extras):
         sha = upload(local / name, join(uri, name))
         files[name] = {"bytes": (local / name).stat().st_size, "sha256": sha}

@@ -229,6 +229,13 @@ def _child_env(
     return env
 
 
+def driver_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for a `progan` driver the test starts: ours without MLflow settings
+    and RAY_ADDRESS (the test names the tracking server and cluster itself), plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
+    return env | dict(extra or {})
+
+
 def _wait_until(
     ready: Callable[[], str | None],
     proc: subprocess.Popen,

@@ -11,7 +11,6 @@ worker cannot read: phases must hand off through storage, metrics through the se
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -28,7 +27,7 @@ from pipeline.driver.state import RunState
 from pipeline.tools.model_uri import downloaded_generator
 from progan.checkpoint import load_checkpoint
 from tests import faults
-from tests.cluster_harness import mlflow_server, namespaced_cluster, unshare_available
+from tests.cluster_harness import driver_env, mlflow_server, namespaced_cluster, unshare_available
 from tests.pipeline_helpers import make_tiny_dataset, tiny_pipeline_config
 
 pytestmark = [
@@ -70,10 +69,9 @@ def cluster_config(c, **sections):
 
 
 def progan(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
     exe = Path(sys.executable).parent / "progan"
     return subprocess.run(
-        [str(exe), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+        [str(exe), *args], cwd=cwd, env=driver_env(), capture_output=True, text=True, timeout=300
     )
 
 

@@ -25,7 +25,7 @@ from pipeline.config import dump_config
 from pipeline.driver.state import RunState
 from preprocessing.staging import publish
 from progan.checkpoint import load_checkpoint
-from tests.cluster_harness import mlflow_server, namespaced_cluster, unshare_available
+from tests.cluster_harness import driver_env, mlflow_server, namespaced_cluster, unshare_available
 from tests.conftest import REPO_ROOT
 from tests.faults import progan_command
 from tests.pipeline_helpers import make_tiny_dataset, tiny_pipeline_config
@@ -84,11 +84,6 @@ def bucket_config(c, name: str, dataset: str):
     )
 
 
-def run_env(c) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
-    return {**env, **c.s3.env}
-
-
 def wait_for(predicate, what: str, proc: subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.time() + timeout
     while not predicate():
@@ -111,7 +106,7 @@ def test_only_a_bucket_shared_a_worker_killed_and_the_driver_killed_equal_one_lo
     with open(log, "wb") as out:
         driver = subprocess.Popen(
             progan_command("run", str(config), "--run-id", "s3-two-node", *address),
-            cwd=c.base, env=run_env(c), stdout=out, stderr=subprocess.STDOUT,
+            cwd=c.base, env=driver_env(c.s3.env), stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True,
         )  # fmt: skip
 
@@ -131,7 +126,7 @@ def test_only_a_bucket_shared_a_worker_killed_and_the_driver_killed_equal_one_lo
     marker = c.base / "worker-died"  # on the worker node's own tmpfs
     resumed = subprocess.run(
         progan_command("resume", str(run_dir), *address, fault=("worker-dies", "144", str(marker))),
-        cwd=REPO_ROOT, env=run_env(c), capture_output=True, text=True, timeout=600,
+        cwd=REPO_ROOT, env=driver_env(c.s3.env), capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert resumed.returncode == 0, log.read_text()[-2000:] + resumed.stdout[-3000:]
     assert not marker.exists()  # the worker wrote it on its own node, not here
@@ -176,7 +171,7 @@ def test_a_bucket_the_worker_node_cannot_reach_fails_in_the_preflight_in_one_lin
     config = dump_config(bucket_config(c, "unreachable", dataset), tmp_path / "c.yaml")
     out = subprocess.run(
         progan_command("run", str(config), "--address", c.info.address),
-        cwd=tmp_path, env=run_env(c), capture_output=True, text=True, timeout=300,
+        cwd=tmp_path, env=driver_env(c.s3.env), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
     [line] = [ln for ln in out.stdout.splitlines() if "preflight" in ln]

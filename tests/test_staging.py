@@ -213,7 +213,7 @@ def test_train_local_stages_each_resolution_once_and_a_second_run_downloads_noth
     downloads = [e["file"] for e in staged if e["action"] == "download"]
     assert downloads == [data_file(4), data_file(8)]
     second = [e["action"] for e in staged if e["pid"] == staged[-1]["pid"]]
-    assert second == ["hit"] * 6  # each of 3 phases: its training and its evaluation
+    assert second == ["hit"] * 3  # each of 3 phases, once for its training and evaluation
 
 
 def test_uris_keep_their_query_and_get_their_password_back():

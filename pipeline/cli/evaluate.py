@@ -46,14 +46,13 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from pipeline.evaluation import EvaluationError, evaluate_generator
-
-    metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
-    from preprocessing.object_store import display, is_uri
+    from preprocessing.object_store import display
     from preprocessing.staging import stage
 
+    metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
     gen = load_generator(args.ckpt, args.device, args.tracking_uri)
     try:
-        data = stage(args.data, [gen.resolution]) if is_uri(args.data) else Path(args.data)
+        data = stage(args.data, [gen.resolution])  # a folder as it is; a URI staged
     except (OSError, RuntimeError) as err:  # not there, unreachable, StagingError
         raise ToolError(f"--data {display(args.data)}: {err}") from err
     if not (data / "manifest.json").is_file():

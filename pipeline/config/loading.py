@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from pipeline.config.sections import BUILTIN_SAMPLE_FACES, PipelineConfig
 from pipeline.tracking.secrets import redact_uri
+from preprocessing import object_store
 from preprocessing.config import ConfigError
 from progan.files import atomic_file
 
@@ -78,7 +79,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
 
 def is_uri(value: str) -> bool:
     """'s3://bucket/x', 'file:///x' (and 'builtin:sample-faces'): not a plain path."""
-    return "://" in value or value == BUILTIN_SAMPLE_FACES
+    return object_store.is_uri(value) or value == BUILTIN_SAMPLE_FACES
 
 
 def absolute_paths(raw: dict[str, Any], base: str | os.PathLike | None = None) -> dict[str, Any]:

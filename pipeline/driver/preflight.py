@@ -93,7 +93,7 @@ def check_remote_dataset(dataset: str, resolutions: list[int], cache_dir: str | 
     """The object-storage half of `check_dataset`: no download, a listing and a size each."""
     import shutil
 
-    from preprocessing.object_store import display, size_of
+    from preprocessing.object_store import size_of
     from preprocessing.staging import data_file, default_cache_root, read_remote_manifest
 
     where = display(dataset)
@@ -122,7 +122,7 @@ def check_remote_dataset(dataset: str, resolutions: list[int], cache_dir: str | 
         probe.unlink()
     except OSError as err:
         return f"data.cache_dir {root} is not writable here ({type(err).__name__}: {err})"
-    largest = max(sizes.values(), default=0) or 0
+    largest = max(sizes.values(), default=0)  # every size is the manifest's by here
     free = shutil.disk_usage(root).free
     if free < largest:
         return (

@@ -20,7 +20,7 @@ from pathlib import Path
 from pipeline.config import ConfigError, PipelineConfig, is_uri
 from pipeline.phases.checkpoints import PREFIX
 from pipeline.tracking.secrets import redact_uri
-from preprocessing.object_store import filesystem, join, read_bytes, write_bytes
+from preprocessing.object_store import download, filesystem, join, read_bytes, write_bytes
 
 
 class StorageError(ConfigError):
@@ -58,11 +58,7 @@ def write_text(uri: str, text: str) -> None:
 
 def fetch_file(uri: str, target: Path) -> Path:
     """Copy one file from storage (a path or URI) to `target`, atomically."""
-    from progan.files import atomic_file
-
-    fs, path = filesystem(uri)
-    with fs.open_input_stream(path) as source, atomic_file(target) as f:
-        shutil.copyfileobj(source, f)
+    download(uri, target)
     return target
 
 

@@ -20,6 +20,7 @@ kill during the evaluation) only evaluates.
 
 from __future__ import annotations
 
+import functools
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
@@ -222,8 +223,7 @@ class PhaseSession:
         try:
             try:
                 if not at_end:
-                    folder = local_dataset(self.cfg, [phase.resolution])  # staged if a URI
-                    dataset = LmdbImageDataset(folder, phase.resolution)
+                    dataset = LmdbImageDataset(self.dataset_folder, phase.resolution)
                     run_phase(
                         trainer,
                         dataset,
@@ -284,7 +284,7 @@ class PhaseSession:
             trainer.G_ema,
             phase.level,
             phase.alpha_at(trainer.images_shown),
-            local_dataset(cfg, [phase.resolution]),
+            self.dataset_folder,
             phase.resolution,
             metrics=tuple(cfg.eval.metrics),
             num_images=cfg.eval.num_images,
@@ -296,6 +296,12 @@ class PhaseSession:
         self.evaluation = {k: float(v) for k, v in results.items() if isinstance(v, int | float)}
         self._each("evaluated", self.evaluation)
         return self.evaluation
+
+    @functools.cached_property
+    def dataset_folder(self) -> str:
+        """The dataset as a folder here: `data.dataset`, or (a URI) this node's staged copy of
+        the phase's resolution, staged once for training and evaluation."""
+        return local_dataset(self.cfg, [self.phase.resolution])
 
     @property
     def wants_evaluation(self) -> bool:
