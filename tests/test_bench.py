@@ -45,5 +45,8 @@ def test_bench_command_prints_throughput_memory_and_share_of_the_ceiling():
     ]  # fmt: skip
     for r in rows:
         assert r["img_per_s"] > 0 and r["peak_mem_mb"] > 0 and r["mode"] == "eager"
-        assert r["share_of_ceiling"] == round(r["img_per_s"] / r["ceiling_img_per_s"], 4)
+        # img/s and the ceiling are printed rounded (0.01, 0.1): their ratio agrees within that
+        share = r["img_per_s"] / r["ceiling_img_per_s"]
+        slack = share * (0.005 / r["img_per_s"] + 0.05 / r["ceiling_img_per_s"]) + 5e-5
+        assert abs(r["share_of_ceiling"] - share) <= slack
     assert rows[2]["gflop_per_img"] > rows[0]["gflop_per_img"]  # 8x8 costs more than 4x4
