@@ -71,6 +71,12 @@ class TrainConfig(StrictModel):
         "(the non-saturating logistic loss; pair it with train.r1_gamma), lsgan",
     )
     gp_lambda: float = Field(10.0, ge=0)
+    gp_every: int = Field(
+        1,
+        ge=1,
+        description="lazy gradient penalty (wgan-gp): the GP on every k-th D step of a phase "
+        "(the first included), scaled by k; 1: every step, the paper's",
+    )
     gp_target: float = Field(1.0, gt=0)
     drift: float = Field(0.001, ge=0, description="epsilon * D(real)^2 (WGAN losses)")
     wgan_clip: float | None = Field(0.01, gt=0, description="weight clipping for plain 'wgan'")

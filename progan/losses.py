@@ -57,12 +57,25 @@ def r1_penalty(scores: torch.Tensor, reals: torch.Tensor) -> torch.Tensor:
     return input_gradients(scores, reals).square().sum(1)
 
 
-def r1_weight(cfg: TrainConfig, d_index: int) -> float:
-    """The R1 term's weight at D step `d_index` of a phase: r1_gamma/2, times r1_every on
-    every r1_every-th step (lazy regularisation) and 0 between them."""
-    if cfg.r1_gamma == 0 or d_index % cfg.r1_every:
+def lazy_weight(weight: float, every: int, d_index: int) -> float:
+    """A regulariser's weight at D step `d_index` of a phase under lazy regularisation
+    (StyleGAN2): `weight * every` on every `every`-th step (the first included), 0 between."""
+    if weight == 0 or d_index % every:
         return 0.0
-    return cfg.r1_gamma / 2 * cfg.r1_every
+    return weight * every
+
+
+def r1_weight(cfg: TrainConfig, d_index: int) -> float:
+    """The R1 term's weight at D step `d_index`: r1_gamma/2, lazily every r1_every steps."""
+    return lazy_weight(cfg.r1_gamma / 2, cfg.r1_every, d_index)
+
+
+def gp_weight(cfg: TrainConfig, d_index: int) -> float:
+    """WGAN-GP's penalty weight at D step `d_index`: gp_lambda, lazily every gp_every steps;
+    0 for the other losses."""
+    if cfg.loss != "wgan-gp":
+        return 0.0
+    return lazy_weight(cfg.gp_lambda, cfg.gp_every, d_index)
 
 
 def discriminator_loss(
@@ -102,7 +115,9 @@ def generator_loss(cfg: TrainConfig, d_fake: torch.Tensor) -> torch.Tensor:
 class DiscriminatorObjective(nn.Module):
     """D's whole loss as one module forward, so DDP sees one forward and one backward.
 
-    Returns (mean loss, stats). The gradient penalty's and R1's inner autograd.grad happen
+    `r1` and `gp` are the step's weights (`r1_weight`, `gp_weight`: 0 skips the term;
+    `gp=None`: gp_lambda for wgan-gp). Returns (mean loss, stats). The gradient penalty's
+    and R1's inner autograd.grad happen
     inside this forward; the outer `.backward()` is the only one DDP reduces. `scores`
     scores the reals and fakes (a compiled D); the penalty's pass always runs D eagerly (it
     needs a double backward), and so does the pass on the reals when `r1` (R1's weight,
@@ -128,6 +143,7 @@ class DiscriminatorObjective(nn.Module):
         real_target: torch.Tensor | None = None,
         fake_target: torch.Tensor | None = None,
         r1: float = 0.0,
+        gp: float | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         score = self.score_fns[0]
         if r1:  # R1 differentiates this very pass on the reals: eager, as the GP's
@@ -139,12 +155,14 @@ class DiscriminatorObjective(nn.Module):
         stats = {"d_real": d_real.detach().float().mean(), "d_fake": d_fake.detach().float().mean()}
         if self.cfg.augment == "ada":  # ADA's overfitting signal, per step
             stats["d_real_sign"] = d_real.detach().float().sign().mean()
-        if self.cfg.loss == "wgan-gp" and self.cfg.gp_lambda > 0:
-            gp = gradient_penalty(
+        if gp is None:  # not given: the configured weight at every step
+            gp = self.cfg.gp_lambda if self.cfg.loss == "wgan-gp" else 0.0
+        if gp:
+            penalty = gradient_penalty(
                 lambda x: self.D(x, level, alpha), real, fake, mix, self.cfg.gp_target
             )
-            loss = loss + self.cfg.gp_lambda * gp
-            stats["gp"] = gp.detach().mean()
+            loss = loss + gp * penalty
+            stats["gp"] = penalty.detach().mean()
         if r1:
             penalty = r1_penalty(d_real, real)
             loss = loss + r1 * penalty

@@ -30,7 +30,13 @@ from progan.checkpoint import rng_state, set_rng_state
 from progan.config import GANConfig, ModelConfig
 from progan.ema import make_ema, update_ema
 from progan.layers import shared_scaled_weights
-from progan.losses import BCE_LOSSES, DiscriminatorObjective, generator_loss, r1_weight
+from progan.losses import (
+    BCE_LOSSES,
+    DiscriminatorObjective,
+    generator_loss,
+    gp_weight,
+    r1_weight,
+)
 from progan.models import build_networks
 from progan.monitor import NonFiniteLossError, StepMonitor
 from progan.networks import Alpha, fade_in_real, is_fading
@@ -256,6 +262,7 @@ class GANTrainer:
                     real_target,
                     fake_target,
                     r1_weight(t, d_index),
+                    gp_weight(t, d_index),
                 )
             monitor.observe("d_loss", d_loss, self.images_shown)
             for name, value in {**d_stats, **self.augment.stats()}.items():

@@ -102,9 +102,10 @@ def per_step_r1(monkeypatch, gamma: float, every: int) -> None:
     original = DiscriminatorObjective.forward
     calls = itertools.count()
 
-    def forward(self, real, fake, level, alpha, mix, real_target=None, fake_target=None, r1=0.0):
+    def forward(self, real, fake, level, alpha, mix, real_target=None, fake_target=None,
+                r1=0.0, gp=None):  # fmt: skip
         assert r1 == 0.0  # the trainer under test runs with r1_gamma 0
-        loss, stats = original(self, real, fake, level, alpha, mix, real_target, fake_target)
+        loss, stats = original(self, real, fake, level, alpha, mix, real_target, fake_target, gp=gp)
         if next(calls) % every == 0:
             x = real.detach().requires_grad_(True)
             (grad,) = torch.autograd.grad(self.D(x, level, alpha).sum(), x, create_graph=True)
@@ -135,6 +136,37 @@ def test_lazy_r1_equals_r1_written_out_per_step(every, monkeypatch):
     assert mine_d == pytest.approx(theirs_d, rel=1e-5, abs=1e-6)
     plain = run_steps(GANTrainer(tiny_config(train={**train, "r1_gamma": 0.0})), steps)
     assert [s["d_loss"] for s in plain] != pytest.approx(mine_d, rel=1e-3)  # R1 did act
+
+
+def test_lazy_gp_equals_the_penalty_written_out_every_other_step(monkeypatch):
+    """gp_every=2: WGAN-GP's penalty at twice the weight on every other D step, none between
+    (the paper's default, gp_every=1, is the golden digest above)."""
+    steps, calls = 10, itertools.count()
+    lazy = GANTrainer(tiny_config(train={"gp_every": 2}))
+    stats = run_steps(lazy, steps)
+    original = DiscriminatorObjective.forward
+
+    def forward(self, real, fake, level, alpha, mix, real_target=None, fake_target=None,
+                r1=0.0, gp=None):  # fmt: skip
+        loss, stats = original(self, real, fake, level, alpha, mix, r1=r1, gp=0.0)
+        if next(calls) % 2 == 0:
+            critic = lambda x: self.D(x, level, alpha)  # noqa: E731
+            penalty = progan.losses.gradient_penalty(critic, real, fake, mix)
+            loss = loss + 2 * self.cfg.gp_lambda * penalty.mean()
+        return loss, stats
+
+    monkeypatch.setattr(DiscriminatorObjective, "forward", forward)
+    reference = GANTrainer(tiny_config())
+    expected = run_steps(reference, steps)
+    for net in ("G", "D", "G_ema"):
+        for mine, theirs in zip(
+            getattr(lazy, net).parameters(), getattr(reference, net).parameters(), strict=True
+        ):
+            torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+    assert [s["d_loss"] for s in stats] == pytest.approx([s["d_loss"] for s in expected])
+    monkeypatch.undo()
+    every_step = run_steps(GANTrainer(tiny_config()), steps)
+    assert [s["d_loss"] for s in every_step] != pytest.approx([s["d_loss"] for s in stats])
 
 
 def offset_d(trainer: GANTrainer, offset: float) -> GANTrainer:
