@@ -54,6 +54,7 @@ class Progress:
     g_loss: float | None = None
     augment_p: float | None = None  # train.augment's probability (ADA's moves; kept across phases)
     swd: float | None = None  # the last evaluation's SWDx1e3_avg
+    deadline: float | None = None  # a time budget's end (wall clock): no ETA goes past it
     state: str = "starting"
     message: str = ""  # how it ended (a failure's line, a resume hint)
     started: float = field(default_factory=time.time)  # this driver's start (wall clock)
@@ -77,10 +78,14 @@ class Progress:
         return max(0.0, self.updated - self.started)
 
     def eta_s(self, end: int) -> float | None:
-        """Seconds to `end` images at the current images/s (None: not known yet)."""
+        """Seconds to `end` images at the current images/s, or to the time budget's end if
+        that comes first (None: not known yet)."""
         if self.images_per_s <= 0:
             return None
-        return max(0, end - self.images) / self.images_per_s
+        eta = max(0, end - self.images) / self.images_per_s
+        if self.deadline is not None:
+            eta = min(eta, max(0.0, self.deadline - self.updated))
+        return eta
 
     def run_line(self) -> str:
         pct = 100.0 * self.images / self.run_end if self.run_end else 0.0
@@ -162,10 +167,13 @@ class ProgressDisplay:
         console: Console,
         file: Path | None = None,
         live: bool | None = None,
+        budget_s: float | None = None,
     ) -> None:
         self.plan, self.console, self.file = list(plan), console, file
         end = self.plan[-1].end_images if self.plan else 0
         self.progress = Progress(run=run, phases=len(self.plan), run_end=end)
+        if budget_s is not None:  # train-local --time-budget-min: ETAs end with the budget
+            self.progress.deadline = self.progress.started + budget_s
         self.live_mode = console.is_terminal if live is None else live
         self._live: Any = None
 

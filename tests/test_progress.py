@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 from rich.console import Console
 
@@ -47,6 +48,19 @@ def test_a_log_point_is_one_plain_line_without_a_terminal_and_kept_in_progress_j
     final = json.loads((tmp_path / "progress.json").read_text())
     assert final["state"] == "done" and final["swd"] == 12.5
     assert len(out.getvalue().splitlines()) == 1
+
+
+def test_a_time_budget_caps_every_eta():
+    """train-local --time-budget-min: the run ends with the budget, not with the plan."""
+    phases = plan()
+    shown, out = console(terminal=False)
+    display = ProgressDisplay("r0", phases, shown, budget_s=10.0)
+    display.point(0, {"images_shown": 8, "alpha": 1.0, "images_per_s": 0.01})  # days to go
+    [line] = out.getvalue().splitlines()
+    assert re.search(r"ETA phase 0:(09|10), run 0:(09|10)$", line), line
+    without, out = console(terminal=False)
+    ProgressDisplay("r0", phases, without).point(0, {"images_shown": 8, "images_per_s": 0.01})
+    assert "ETA phase 0:10" not in out.getvalue()
 
 
 def test_a_terminal_gets_the_two_line_display_with_run_and_phase():

@@ -275,7 +275,9 @@ def train_local(
     restored = restore_trainer(trainer, [("checkpoint", latest)])
     budget_s = time_budget_min * 60 if time_budget_min is not None else None
     sink = LocalFolderSink(out, console, restored.host.get("book", {}), budget_s, on_checkpoint)
-    sink.display = ProgressDisplay(out.name, cfg.plan, console, out / PROGRESS_FILE)
+    sink.display = ProgressDisplay(
+        out.name, cfg.plan, console, out / PROGRESS_FILE, budget_s=budget_s
+    )
     origin = restored.origin
     where = f" at {trainer.images_shown} images" if origin != "scratch" else ""
     sink.say(f"train-local: {cfg.model.arch} on {dev}, output in {out}")
