@@ -13,11 +13,18 @@
 # images as there are reals (10,000) against the 32x32 level, with the real-vs-real floor.
 # Results: $OUT/<row>-s<seed>/eval.json; `scripts/recipes_regime_a.sh DATASET table` prints
 # the Markdown table (mean and spread of the seeds). A rerun skips finished runs.
+#
+# Regime B ("small set": equal images instead of equal time): KIMG=200 runs every row, the
+# paper's included, to 200k images without a time budget, e.g. on a 2,000-photo subset
+# (`progan prepare ../shared/data/celeba-10k.zip runs/bench/celeba-2k-32 --resolution 32
+# --detector none --limit 2000`): KIMG=200 OUT=runs/recipes-b scripts/recipes_regime_a.sh
+# runs/bench/celeba-2k-32 paper best. Evaluation uses as many samples as there are reals.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATASET=$1
 shift
 OUT=${OUT:-runs/recipes-a}
+KIMG=${KIMG:-}
 SEEDS=${SEEDS:-0 1}
 PY=${PYTHON:-.venv/bin/python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} PYTHONUNBUFFERED=1
@@ -28,9 +35,17 @@ declare -A ROWS=(
   [ada]="train.augment=ada train.ada_kimg=100"
   [r1]="train.loss=logistic train.r1_gamma=0.05 train.r1_every=1"
   [lazy-r1]="train.loss=logistic train.r1_gamma=0.05 train.r1_every=16"
+  [lazy-gp]="train.gp_every=16"
+  [lr2]="schedule.lr_base=0.002"
+  [fast]="train.gp_every=16 schedule.lr_base=0.002"
   [best]="train.loss=logistic train.r1_gamma=0.05 train.r1_every=16 train.augment=ada train.ada_kimg=100"
 )
-ORDER=(paper diffaugment ada r1 lazy-r1 best)
+ORDER=(paper diffaugment ada r1 lazy-r1 lazy-gp lr2 fast best)
+
+reals() {  # the dataset's number of images (its manifest)
+  "$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["counts"]["32"])' \
+    "$DATASET/manifest.json"
+}
 
 budget_min() {
   "$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["train_seconds"] / 60)' \
@@ -43,14 +58,16 @@ run_row() {
   # shellcheck disable=SC2206
   local extra=(${ROWS[$row]})
   local limits=()
-  if [[ $row != paper ]]; then
+  if [[ -n $KIMG ]]; then
+    extra+=(schedule.total_kimg="$KIMG")
+  elif [[ $row != paper ]]; then
     limits=(--time-budget-min "$(budget_min)")
     extra+=(schedule.total_kimg=10000)
   fi
   "$PY" -m pipeline.cli train-local conf/demo.yaml data.dataset="$DATASET" data.source=null \
     train.seed="$seed" eval.enabled=false "${extra[@]}" --out "$dir" "${limits[@]}"
-  "$PY" -m pipeline.cli evaluate "$dir" --data "$DATASET" --metrics swd --num-images 10000 \
-    --json "$dir/eval.json"
+  "$PY" -m pipeline.cli evaluate "$dir" --data "$DATASET" --metrics swd \
+    --num-images "$(reals)" --json "$dir/eval.json"
 }
 
 table() {
