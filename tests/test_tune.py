@@ -175,14 +175,13 @@ def test_every_shipped_spec_loads(spec, tmp_path, monkeypatch):
     assert sweep.dimensions and sweep.trial_phases >= 2
     if spec.stem == "small-data":  # the recipe's knobs, over the small-data preset
         assert {d.key for d in sweep.dimensions} == {
+            "schedule.lr_base",
+            "train.gp_every",
             "train.augment",
             "train.augment_policy",
-            "train.ada_target",
-            "train.r1_gamma",
-            "train.r1_every",
         }
         train = sweep.trial_cfg.train
-        assert (train.loss, train.augment, train.ada_kimg) == ("logistic", "ada", 10.0)
+        assert (train.loss, train.augment, train.gp_every) == ("wgan-gp", "none", 1)
     assert not list(tmp_path.iterdir())
 
 
