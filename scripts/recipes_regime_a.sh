@@ -37,10 +37,11 @@ declare -A ROWS=(
   [lazy-r1]="train.loss=logistic train.r1_gamma=0.05 train.r1_every=16"
   [lazy-gp]="train.gp_every=16"
   [lr2]="schedule.lr_base=0.002"
+  [lr3]="schedule.lr_base=0.003"
   [fast]="train.gp_every=16 schedule.lr_base=0.002"
   [best]="train.loss=logistic train.r1_gamma=0.05 train.r1_every=16 train.augment=ada train.ada_kimg=100"
 )
-ORDER=(paper diffaugment ada r1 lazy-r1 lazy-gp lr2 fast best)
+ORDER=(paper diffaugment ada r1 lazy-r1 lazy-gp lr2 lr3 fast best)
 
 reals() {  # the dataset's number of images (its manifest)
   "$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["counts"]["32"])' \
