@@ -12,7 +12,8 @@
 # a cheaper step shows more images. Every run is evaluated with SWD on as many generated
 # images as there are reals (10,000) against the 32x32 level, with the real-vs-real floor.
 # Results: $OUT/<row>-s<seed>/eval.json; `scripts/recipes_regime_a.sh DATASET table` prints
-# the Markdown table (mean and spread of the seeds). A rerun skips finished runs.
+# the Markdown table of docs/quality.md (mean and spread of the seeds; EVAL=FILE.json reads
+# another evaluation of the same runs). A rerun skips finished runs.
 #
 # Regime B ("small set": equal images instead of equal time): KIMG=200 runs every row, the
 # paper's included, to 200k images without a time budget, e.g. on a 2,000-photo subset
@@ -71,28 +72,34 @@ run_row() {
     --num-images "$(reals)" --json "$dir/eval.json"
 }
 
-table() {
-  "$PY" - "$OUT" "${ORDER[@]}" <<'EOF'
+table() {  # $EVAL: the evaluation file to read (default eval.json)
+  "$PY" - "$OUT" "${EVAL:-eval.json}" "${ORDER[@]}" <<'EOF'
 import json, statistics, sys
 from pathlib import Path
-out, rows = Path(sys.argv[1]), sys.argv[2:]
-print("| recipe | seconds | images | SWD x1e3 avg (mean ± spread) | per level | floor |")
-print("| --- | --- | --- | --- | --- | --- |")
+out, name, rows = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
+header = None
 for row in rows:
-    runs = sorted(out.glob(f"{row}-s*"))
-    got = [(json.loads((r / "summary.json").read_text()), json.loads((r / "eval.json").read_text()))
-           for r in runs if (r / "eval.json").is_file()]
-    if not got:
+    runs = [r for r in sorted(out.glob(f"{row}-s*")) if (r / name).is_file()]
+    if not runs:
         continue
-    swd = [e["SWDx1e3_avg"] for _, e in got]
+    got = [(json.loads((r / "summary.json").read_text()), json.loads((r / name).read_text()))
+           for r in runs]
+    mean = lambda key: statistics.mean(e[key] for _, e in got)  # noqa: E731
     levels = sorted(k for k in got[0][1] if k.startswith("SWDx1e3_") and k[8:].isdigit())
-    per = ", ".join(f"{k[8:]}: {statistics.mean(e[k] for _, e in got):.1f}" for k in levels)
-    floor = statistics.mean(e["SWDx1e3_avg_real_floor"] for _, e in got)
+    if header is None:
+        header = ["recipe", "seeds", "train s", "images", "img/s", "SWD x1e3 avg"]
+        header += [f"{k[8:]}x{k[8:]}" for k in levels] + ["floor"]
+        print("| " + " | ".join(header) + " |")
+        print("|" + " --- |" * len(header))
+    swd = [e["SWDx1e3_avg"] for _, e in got]
+    spread = f" ± {(max(swd) - min(swd)) / 2:.1f}" if len(got) > 1 else ""
     secs = statistics.mean(s["train_seconds"] for s, _ in got)
     imgs = statistics.mean(s["images_shown"] for s, _ in got)
-    spread = (max(swd) - min(swd)) / 2
-    print(f"| {row} | {secs:.0f} | {imgs:,.0f} | {statistics.mean(swd):.1f} ± {spread:.1f} "
-          f"| {per} | {floor:.1f} |")
+    seeds = ", ".join(r.name.rsplit("-s", 1)[1] for r in runs)
+    cells = [row, seeds, f"{secs:.0f}", f"{imgs:,.0f}", f"{imgs / secs:.0f}",
+             f"{statistics.mean(swd):.1f}{spread}"]
+    cells += [f"{mean(k):.1f}" for k in levels] + [f"{mean('SWDx1e3_avg_real_floor'):.1f}"]
+    print("| " + " | ".join(cells) + " |")
 EOF
 }
 
