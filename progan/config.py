@@ -132,6 +132,18 @@ class TrainConfig(StrictModel):
     n_critic: int = Field(1, ge=1, description="D steps (each on its own real batch) per G step")
     g_steps: int = Field(1, ge=1, description="G steps per iteration (seed 003 used 2)")
     ema_beta: float = Field(0.999, ge=0, le=1)
+    ema_kimg: float | None = Field(
+        None,
+        gt=0,
+        description="EMA half-life in kimg shown (StyleGAN2's ema_kimg); replaces ema_beta, "
+        "so the average spans the same images at any batch size; null: ema_beta",
+    )
+    ema_rampup: float | None = Field(
+        None,
+        gt=0,
+        description="with ema_kimg: the half-life is at most this fraction of the images "
+        "shown so far (StyleGAN2-ADA's 0.05), so a short run is not averaged with its start",
+    )
     mirror: bool = True
     instance_noise: float = Field(0.0, ge=0, description="std of Gaussian noise on D's inputs")
     label_noise: Literal["none", "beta"] = Field(
@@ -150,6 +162,12 @@ class TrainConfig(StrictModel):
         json_schema_extra=RESUMABLE,
     )
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _check_ema_rampup(self) -> TrainConfig:
+        if self.ema_rampup is not None and self.ema_kimg is None:
+            raise ValueError("train.ema_rampup needs train.ema_kimg (the half-life it caps)")
+        return self
 
     @field_validator("augment_policy")
     @classmethod

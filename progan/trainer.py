@@ -28,7 +28,7 @@ from progan.acceleration import (
 from progan.augment import Augmentation
 from progan.checkpoint import rng_state, set_rng_state
 from progan.config import GANConfig, ModelConfig
-from progan.ema import make_ema, update_ema
+from progan.ema import ema_beta_at, make_ema, update_ema
 from progan.layers import shared_scaled_weights
 from progan.losses import (
     BCE_LOSSES,
@@ -290,7 +290,9 @@ class GANTrainer:
                 self.opt_g.zero_grad(set_to_none=True)
                 g_loss.backward()
                 self.opt_g.step()
-        update_ema(self.G_ema, self.G, t.ema_beta)
+        step_images = t.n_critic * point.batch_size
+        beta = ema_beta_at(t.ema_beta, t.ema_kimg, t.ema_rampup, self.images_shown, step_images)
+        update_ema(self.G_ema, self.G, beta)
         self.host_stats = {
             "alpha": float(alpha),
             "lr": point.lr,
