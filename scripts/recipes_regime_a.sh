@@ -13,7 +13,8 @@
 # images as there are reals (10,000) against the 32x32 level, with the real-vs-real floor.
 # Results: $OUT/<row>-s<seed>/eval.json; `scripts/recipes_regime_a.sh DATASET table` prints
 # the Markdown table of docs/quality.md (mean and spread of the seeds; EVAL=FILE.json reads
-# another evaluation of the same runs). A rerun skips finished runs.
+# another evaluation of the same runs). A rerun skips finished runs and evaluates trained ones;
+# TRAIN_ONLY=1 trains without evaluating (to evaluate later, while nothing timed runs).
 #
 # Regime B ("small set": equal images instead of equal time): KIMG=200 runs every row, the
 # paper's included, to 200k images without a time budget, e.g. on a 2,000-photo subset
@@ -40,9 +41,14 @@ declare -A ROWS=(
   [lr2]="schedule.lr_base=0.002"
   [lr3]="schedule.lr_base=0.003"
   [fast]="train.gp_every=16 schedule.lr_base=0.002"
+  [lr2-ema]="schedule.lr_base=0.002 train.ema_beta=0.995"
+  [lr2-gp4]="schedule.lr_base=0.002 train.gp_every=4"
+  [lr2-b8]="schedule.lr_base=0.002 schedule.batch_base=8"
+  [lr2-b32]="schedule.lr_base=0.002 schedule.batch_base=32"
+  [lr2-ramp]="schedule.lr_base=0.002 train.ema_kimg=10 train.ema_rampup=0.05"
   [best]="train.loss=logistic train.r1_gamma=0.05 train.r1_every=16 train.augment=ada train.ada_kimg=100"
 )
-ORDER=(paper diffaugment ada r1 lazy-r1 lazy-gp lr2 lr3 fast best)
+ORDER=(paper diffaugment ada r1 lazy-r1 lazy-gp lr2 lr3 fast lr2-gp4 lr2-b8 lr2-b32 lr2-ema lr2-ramp best)
 
 reals() {  # the dataset's number of images (its manifest)
   "$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["counts"]["32"])' \
@@ -66,8 +72,11 @@ run_row() {
     limits=(--time-budget-min "$(budget_min)")
     extra+=(schedule.total_kimg=10000)
   fi
-  "$PY" -m pipeline.cli train-local conf/demo.yaml data.dataset="$DATASET" data.source=null \
-    train.seed="$seed" eval.enabled=false "${extra[@]}" --out "$dir" "${limits[@]}"
+  if [[ ! -f $dir/generator.pt ]]; then
+    "$PY" -m pipeline.cli train-local conf/demo.yaml data.dataset="$DATASET" data.source=null \
+      train.seed="$seed" eval.enabled=false "${extra[@]}" --out "$dir" "${limits[@]}"
+  fi
+  [[ -n ${TRAIN_ONLY:-} ]] && return
   "$PY" -m pipeline.cli evaluate "$dir" --data "$DATASET" --metrics swd \
     --num-images "$(reals)" --json "$dir/eval.json"
 }
