@@ -8,8 +8,7 @@ from pydantic import ValidationError
 import progan.trainer
 from progan.ema import ema_beta_at
 from progan.trainer import GANTrainer
-from tests.helpers import run_steps, tiny_config, torch_threads
-from tests.test_recipes import digest
+from tests.helpers import digest, run_steps, tiny_config, torch_threads
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -3,7 +3,6 @@ against a per-step reference, and ADA's p carried by checkpoints."""
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 
 import pytest
@@ -14,7 +13,7 @@ import progan.losses
 from progan.checkpoint import load_checkpoint, save_checkpoint
 from progan.losses import DiscriminatorObjective
 from progan.trainer import GANTrainer
-from tests.helpers import run_steps, tiny_config, torch_threads
+from tests.helpers import digest, run_steps, tiny_config, torch_threads
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -52,15 +51,6 @@ ALL_OFF = {
     "ada_interval": 1,
     "ada_kimg": 1.0,
 }
-
-
-def digest(module: torch.nn.Module) -> str:
-    """Names and bytes of every tensor of the state dict (32 hex digits of SHA-256)."""
-    h = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:32]
 
 
 def never(*args, **kwargs):
