@@ -1,4 +1,5 @@
-"""Shared pytest fixtures: where ../shared/data is, and a local Ray that tests share."""
+"""Shared pytest fixtures: where ../shared/data is, a local Ray that tests share, one torch
+thread for the modules that train tiny networks."""
 
 from __future__ import annotations
 
@@ -33,6 +34,16 @@ def pytest_collection_modifyitems(config, items):
     alone at the end while the other worker idles."""
     if _xdist_worker:
         items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one intra-op thread for a module (`pytestmark = usefixtures("one_thread")`):
+    tiny networks gain nothing from more threads, and on a busy box extra threads spin."""
+    from tests.helpers import torch_threads  # imports torch: only modules that ask pay for it
+
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -31,13 +31,9 @@ from progan.augment import (
 )
 from progan.config import TrainConfig
 from progan.trainer import GANTrainer
-from tests.helpers import run_steps, tiny_config, torch_threads
+from tests.helpers import run_steps, tiny_config
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def images(n: int = 16, res: int = 8, seed: int = 0) -> torch.Tensor:

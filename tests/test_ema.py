@@ -8,13 +8,9 @@ from pydantic import ValidationError
 import progan.trainer
 from progan.ema import ema_beta_at
 from progan.trainer import GANTrainer
-from tests.helpers import digest, run_steps, tiny_config, torch_threads
+from tests.helpers import digest, run_steps, tiny_config
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("n_critic", [1, 2])

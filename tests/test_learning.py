@@ -9,7 +9,7 @@ from progan.config import GANConfig
 from progan.loop import LoopOptions, run_phase
 from progan.sampling import fixed_latents, generate
 from progan.trainer import GANTrainer
-from tests.helpers import TensorImages, disc_images, torch_threads
+from tests.helpers import TensorImages, disc_images
 
 RES = 8
 N_IMAGES = 512  # generated images per measurement; the diversity check uses as many reals
@@ -45,11 +45,7 @@ DCGAN = GANConfig.model_validate(
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny networks gain nothing from more threads, and a busy box makes them spin."""
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def distance(fake: torch.Tensor, real: torch.Tensor) -> float:

@@ -15,7 +15,7 @@ import torch
 
 from progan.loop import LoopOptions, run_phase
 from progan.trainer import GANTrainer, NonFiniteLossError
-from tests.helpers import TensorImages, tiny_config, torch_threads
+from tests.helpers import TensorImages, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 OURS = (str(ROOT / "progan"), str(ROOT / "pipeline"))
@@ -25,10 +25,7 @@ HOST_SIDE = (str(ROOT / "progan" / "data.py"),)
 HOST_READS = ("item", "tolist", "__bool__", "cpu", "__float__", "__int__", "numpy")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def images(n: int = 32, res: int = 8) -> TensorImages:

@@ -49,13 +49,7 @@ class Interrupt(Exception):
     """Raised from a checkpoint hook to stop a run the way a crash would."""
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny networks gain nothing from more threads, and a busy box makes them spin."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,9 @@ import torch
 from progan.checkpoint import UnsafeCheckpointError, load_checkpoint, save_checkpoint
 from progan.layers import EqualizedConv2d
 from progan.trainer import GANTrainer
-from tests.helpers import batch_at, run_steps, tiny_config, torch_threads
+from tests.helpers import batch_at, run_steps, tiny_config
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny networks gain nothing from more threads, and a busy box makes them spin."""
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def params_equal(a, b) -> bool:
