@@ -4,6 +4,10 @@ against a per-step reference, and ADA's p carried by checkpoints."""
 from __future__ import annotations
 
 import itertools
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,18 +17,20 @@ import progan.losses
 from progan.checkpoint import load_checkpoint, save_checkpoint
 from progan.losses import DiscriminatorObjective
 from progan.trainer import GANTrainer
-from tests.helpers import digest, run_steps, tiny_config, torch_threads
+from tests.conftest import REPO_ROOT
+from tests.helpers import digest, run_steps, tiny_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with torch_threads(1):
-        yield
-
-
-# G, D and G_ema after 10 steps (the 4x4 phase and 2 steps of the 8x8 fade-in) of
-# `tiny_config`, computed with the code at 1f40a0a, before the recipes existed: CPU, fp32,
-# one thread, torch 2.14.1. Another torch may round differently: the test says so and skips.
+# The paper's path is compared with the code at BEFORE_RECIPES, the last commit before the
+# recipes existed: its progan/ is exported from git and trained on this machine in a
+# subprocess (the same 10 steps of `tiny_config`: the 4x4 phase and 2 steps of the 8x8
+# fade-in; CPU, fp32, one thread). Digests stored once would hold for one CPU only: oneDNN
+# rounds differently on another (a new box failed them with the old code itself). Without
+# git history (an sdist, a shallow clone) the digests computed at BEFORE_RECIPES on the first
+# box serve, for torch GOLDEN_TORCH only.
+BEFORE_RECIPES = "1f40a0a"
 GOLDEN_TORCH = "2.14.1+cu130"
 GOLDEN = {
     "paper": (
@@ -40,6 +46,46 @@ GOLDEN = {
         "54f2ed944ae5e98df683d7ef715e139e",
     ),
 }
+# run by the exported old progan/ (first on the path) with this checkout's tests.helpers
+TRAIN_OLD_CODE = """
+import json, sys, torch
+torch.set_num_threads(1)
+import progan
+assert progan.__file__.startswith(sys.argv[1]), progan.__file__
+from progan.trainer import GANTrainer
+from tests.helpers import digest, run_steps, tiny_config
+out = {}
+for name, train in json.loads(sys.argv[2]).items():
+    trainer = GANTrainer(tiny_config(train=train))
+    run_steps(trainer, 10)
+    out[name] = [digest(trainer.G), digest(trainer.D), digest(trainer.G_ema)]
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def before_recipes(tmp_path_factory) -> dict[str, list[str]]:
+    """G, D and G_ema digests of each GOLDEN config trained by the code at BEFORE_RECIPES on
+    this machine; the stored digests where git cannot export it."""
+    old = tmp_path_factory.mktemp("before-recipes")
+    exported = subprocess.run(
+        f"git -C {REPO_ROOT} archive {BEFORE_RECIPES} progan | tar -x -C {old}",
+        shell=True, capture_output=True, text=True,
+    )  # fmt: skip
+    if exported.returncode != 0:
+        if torch.__version__ != GOLDEN_TORCH:
+            pytest.skip(f"no git history ({exported.stderr.strip()}) and torch {torch.__version__}")
+        return {name: list(digests) for name, (_, *digests) in GOLDEN.items()}
+    configs = json.dumps({name: train for name, (train, *_) in GOLDEN.items()})
+    done = subprocess.run(
+        [sys.executable, "-c", TRAIN_OLD_CODE, str(old), configs],
+        env={**os.environ, "PYTHONPATH": f"{old}{os.pathsep}{REPO_ROOT}", "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, cwd=old,  # not this checkout's progan/ via ''
+    )  # fmt: skip
+    assert done.returncode == 0, f"the code at {BEFORE_RECIPES} did not train:\n{done.stderr}"
+    return json.loads(done.stdout.splitlines()[-1])
+
+
 # every new option at its off value, and the inert ones away from their defaults
 ALL_OFF = {
     "r1_gamma": 0.0,
@@ -58,16 +104,17 @@ def never(*args, **kwargs):
 
 
 @pytest.mark.parametrize("name", list(GOLDEN))
-def test_the_paper_path_trains_the_same_weights_as_before_the_recipes(name, monkeypatch):
-    if torch.__version__ != GOLDEN_TORCH:
-        pytest.skip(f"golden digests are of torch {GOLDEN_TORCH}, this is {torch.__version__}")
+def test_the_paper_path_trains_the_same_weights_as_before_the_recipes(
+    name, monkeypatch, before_recipes
+):
     for module, attr in [
         (progan.augment, "diff_augment"),
         (progan.losses, "r1_penalty"),
         (progan.augment.AdaptiveProbability, "observe"),
     ]:
         monkeypatch.setattr(module, attr, never)
-    train, *expected = GOLDEN[name]
+    train, *_ = GOLDEN[name]
+    expected = before_recipes[name]
     trainer = GANTrainer(tiny_config(train=train))
     stats = run_steps(trainer, 10)
     assert [digest(trainer.G), digest(trainer.D), digest(trainer.G_ema)] == expected
