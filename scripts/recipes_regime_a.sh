@@ -85,12 +85,13 @@ run_row() {
 
 table() {  # $EVAL: the evaluation file to read (default eval.json)
   "$PY" - "$OUT" "${EVAL:-eval.json}" "${ORDER[@]}" <<'EOF'
-import json, statistics, sys
+import json, re, statistics, sys
 from pathlib import Path
 out, name, rows = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
 header = None
 for row in rows:
-    runs = [r for r in sorted(out.glob(f"{row}-s*")) if (r / name).is_file()]
+    runs = [r for r in sorted(out.glob(f"{row}-s*"))  # lr2-s0, not lr2-short-s0
+            if re.fullmatch(rf"{re.escape(row)}-s\d+", r.name) and (r / name).is_file()]
     if not runs:
         continue
     got = [(json.loads((r / "summary.json").read_text()), json.loads((r / name).read_text()))
