@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 
 import pytest
 import torch
@@ -68,14 +69,17 @@ def before_recipes(tmp_path_factory) -> dict[str, list[str]]:
     """G, D and G_ema digests of each GOLDEN config trained by the code at BEFORE_RECIPES on
     this machine; the stored digests where git cannot export it."""
     old = tmp_path_factory.mktemp("before-recipes")
+    archive = old / "progan.tar"
     exported = subprocess.run(
-        f"git -C {REPO_ROOT} archive {BEFORE_RECIPES} progan | tar -x -C {old}",
-        shell=True, capture_output=True, text=True,
+        ["git", "-C", str(REPO_ROOT), "archive", "-o", str(archive), BEFORE_RECIPES, "progan"],
+        capture_output=True, text=True,
     )  # fmt: skip
     if exported.returncode != 0:
         if torch.__version__ != GOLDEN_TORCH:
             pytest.skip(f"no git history ({exported.stderr.strip()}) and torch {torch.__version__}")
         return {name: list(digests) for name, (_, *digests) in GOLDEN.items()}
+    with tarfile.open(archive) as tar:
+        tar.extractall(old)  # this repository's own files
     configs = json.dumps({name: train for name, (train, *_) in GOLDEN.items()})
     done = subprocess.run(
         [sys.executable, "-c", TRAIN_OLD_CODE, str(old), configs],
