@@ -89,3 +89,8 @@ def digest(module: torch.nn.Module) -> str:
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:32]
+
+
+def trainer_digests(trainer) -> list[str]:
+    """`digest` of a GANTrainer's G, D and G_ema, in that order."""
+    return [digest(trainer.G), digest(trainer.D), digest(trainer.G_ema)]
