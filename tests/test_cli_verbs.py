@@ -86,19 +86,22 @@ def test_ui_serves_the_runs_store_on_loopback_and_frees_its_port_when_stopped(tm
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     client.create_run(client.create_experiment("progan"), run_name="a-run")
     port = free_port()
-    proc = subprocess.Popen(
-        [PROGAN, "ui", "--root", str(root), "--port", str(port)],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    # a file, not a pipe: nobody reads a pipe until the end, and once the server's log fills
+    # it (64 KiB) both processes block on their next write, exit included
+    log = tmp_path / "ui.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [PROGAN, "ui", "--root", str(root), "--port", str(port)],
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         url = f"http://127.0.0.1:{port}"
         deadline, page = time.time() + 120, ""
         while time.time() < deadline and not page:
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert proc.poll() is None, log.read_text()[-3000:]
             try:
                 with urllib.request.urlopen(url, timeout=2) as r:
                     page = r.read().decode()
@@ -113,8 +116,12 @@ def test_ui_serves_the_runs_store_on_loopback_and_frees_its_port_when_stopped(tm
             os.killpg(proc.pid, signal.SIGINT)
         else:  # `kill PID` of progan alone: its server must go too
             os.kill(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
-    assert proc.returncode in (0, -signal.SIGINT, 130)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"progan ui still ran 60 s after {stop}; its log:\n{log.read_text()}")
+    assert proc.returncode in (0, -signal.SIGINT, 130), log.read_text()[-3000:]
     deadline = time.time() + 15
     while True:  # nothing listens on the port any more (MLflow's uvicorn worker included)
         with socket.socket() as probe:
