@@ -149,8 +149,15 @@ class TrainConfig(StrictModel):
     label_noise: Literal["none", "beta"] = Field(
         "none", description="'beta': soft BCE labels, real=1-b, fake=b with b~Beta(1,5)"
     )
-    bf16: bool = False
-    channels_last: bool = False
+    bf16: bool = Field(
+        False,
+        description="bfloat16 autocast for G and D (weights and optimizers stay fp32): faster "
+        "on GPUs and on CPUs with bf16 instructions (lscpu: avx512_bf16 or amx_bf16), slower "
+        "on others",
+    )
+    channels_last: bool = Field(
+        False, description="channels-last memory format for images and conv weights (speed only)"
+    )
     compile: bool = Field(
         False,
         description="torch.compile G and D once per phase (progan/acceleration.py)",

@@ -31,6 +31,9 @@ SEEDS=${SEEDS:-0 1}
 PY=${PYTHON:-.venv/bin/python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} PYTHONUNBUFFERED=1
 
+# lr 0.002, with 0.003 for the short phases below 32x32
+LOW3="schedule.lr_base=0.002 schedule.lr.4=0.003 schedule.lr.8=0.003 schedule.lr.16=0.003"
+FAST="train.channels_last=true train.bf16=true"  # speed: memory format, bf16 autocast
 declare -A ROWS=(
   [paper]=""
   [diffaugment]="train.augment=diffaugment"
@@ -47,10 +50,13 @@ declare -A ROWS=(
   [lr2-b32]="schedule.lr_base=0.002 schedule.batch_base=32"
   [lr2-ramp]="schedule.lr_base=0.002 train.ema_kimg=10 train.ema_rampup=0.05"
   [lr2-short]="schedule.lr_base=0.002 schedule.transition_kimg=3 schedule.stabilize_kimg=3"
-  [lr2-low3]="schedule.lr_base=0.002 schedule.lr.4=0.003 schedule.lr.8=0.003 schedule.lr.16=0.003"
+  [lr2-low3]="$LOW3"
+  [paper-bf16]="$FAST"
+  [lr2-low3-cl]="$LOW3 train.channels_last=true"
+  [lr2-low3-bf16]="$LOW3 $FAST"
   [best]="train.loss=logistic train.r1_gamma=0.05 train.r1_every=16 train.augment=ada train.ada_kimg=100"
 )
-ORDER=(paper diffaugment ada r1 lazy-r1 lazy-gp lr2 lr3 fast lr2-gp4 lr2-b8 lr2-b32 lr2-ema lr2-ramp lr2-short lr2-low3 best)
+ORDER=(paper paper-bf16 diffaugment ada r1 lazy-r1 lazy-gp lr2 lr3 fast lr2-gp4 lr2-b8 lr2-b32 lr2-ema lr2-ramp lr2-short lr2-low3 lr2-low3-cl lr2-low3-bf16 best)
 
 reals() {  # the dataset's number of images (its manifest)
   "$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["counts"]["32"])' \
