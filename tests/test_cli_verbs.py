@@ -86,8 +86,8 @@ def test_ui_serves_the_runs_store_on_loopback_and_frees_its_port_when_stopped(tm
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     client.create_run(client.create_experiment("progan"), run_name="a-run")
     port = free_port()
-    # a file, not a pipe: nobody reads a pipe until the end, and once the server's log fills
-    # it (64 KiB) both processes block on their next write, exit included
+    # a file, not a pipe nobody reads: a log longer than a pipe holds (64 KiB) would block
+    # the writer; and a failure below can show the whole log
     log = tmp_path / "ui.log"
     with log.open("w") as out:
         proc = subprocess.Popen(
