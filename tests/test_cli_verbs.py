@@ -77,7 +77,19 @@ def test_prepare_reads_a_zip_in_place_and_inspect_draws_a_contact_sheet(tmp_path
     assert Image.open(tmp_path / "data" / "contact_sheet.png").size[0] > 16
 
 
-@pytest.mark.parametrize("stop", ["ctrl-c", "kill"])
+def signal_masks(pid: int) -> str:
+    """A process's blocked, ignored and caught signal masks and kernel wait channel (Linux)."""
+    proc = Path(f"/proc/{pid}")
+    masks = [ln for ln in (proc / "status").read_text().splitlines() if ln.startswith("Sig")]
+    return ", ".join([*masks, f"wchan {(proc / 'wchan').read_text()}"])
+
+
+def ignore_sigint() -> None:
+    """Start a child as `cmd &` in a script does: with SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("stop", ["ctrl-c", "ctrl-c-started-ignoring-it", "kill"])
 def test_ui_serves_the_runs_store_on_loopback_and_frees_its_port_when_stopped(tmp_path, stop):
     from mlflow.tracking import MlflowClient
 
@@ -96,6 +108,7 @@ def test_ui_serves_the_runs_store_on_loopback_and_frees_its_port_when_stopped(tm
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=ignore_sigint if stop == "ctrl-c-started-ignoring-it" else None,
         )
     try:
         url = f"http://127.0.0.1:{port}"
@@ -112,15 +125,18 @@ def test_ui_serves_the_runs_store_on_loopback_and_frees_its_port_when_stopped(tm
         with urllib.request.urlopen(api, timeout=10) as r:
             assert '"name": "progan"' in r.read().decode().replace('":"', '": "')
     finally:
-        if stop == "ctrl-c":  # the terminal signals the whole foreground group
+        if stop.startswith("ctrl-c"):  # the terminal signals the whole foreground group
             os.killpg(proc.pid, signal.SIGINT)
         else:  # `kill PID` of progan alone: its server must go too
             os.kill(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
+            signals = signal_masks(proc.pid)  # SIGINT is bit 2: blocked, ignored or caught?
             os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail(f"progan ui still ran 60 s after {stop}; its log:\n{log.read_text()}")
+            pytest.fail(
+                f"progan ui still ran 60 s after {stop} ({signals}); its log:\n{log.read_text()}"
+            )
     assert proc.returncode in (0, -signal.SIGINT, 130), log.read_text()[-3000:]
     deadline = time.time() + 15
     while True:  # nothing listens on the port any more (MLflow's uvicorn worker included)

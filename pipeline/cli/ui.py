@@ -3,9 +3,9 @@
 One web worker and no job runner: MLflow 3 would otherwise start 4 uvicorn workers and
 several huey consumers (for GenAI jobs this project does not use), which on a small
 shared machine time out at start-up and are restarted over and over. The server runs in
-its own process group, stopped as a whole on Ctrl-C or SIGTERM (its uvicorn worker would
-otherwise keep the port). A tracking server (an http(s) URI) has its own UI: it is linked,
-not served again.
+its own process group, stopped as a whole on Ctrl-C (SIGINT, handled even where the parent
+ignored it) or SIGTERM (its uvicorn worker would otherwise keep the port). A tracking
+server (an http(s) URI) has its own UI: it is linked, not served again.
 """
 
 from __future__ import annotations
@@ -68,6 +68,9 @@ def run(args: argparse.Namespace) -> int:
     def stop(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
+    # SIGINT too: a process started with SIGINT ignored (`cmd &` in a script, some parents)
+    # keeps ignoring it, and Ctrl-C would leave the UI running
+    signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     try:
         return server.wait()
