@@ -121,7 +121,7 @@ def next_step_after(code: int, run_dir: Path) -> str:
 
 
 def interrupt(signum: int, frame: object) -> None:
-    """SIGTERM handler: stop the way Ctrl-C does (runs marked KILLED, resumable)."""
+    """Signal handler: stop the way Ctrl-C does (`progan run`: runs marked KILLED, resumable)."""
     raise KeyboardInterrupt
 
 

@@ -44,6 +44,7 @@ def experiment_link(uri: str, experiment: str, base: str) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     """Start `mlflow ui` bound to 127.0.0.1 and wait for it (see the module doc)."""
+    from pipeline.cli.run import interrupt
     from pipeline.tracking.secrets import redact_uri
     from pipeline.tracking.tracker import resolve_uri
 
@@ -64,14 +65,10 @@ def run(args: argparse.Namespace) -> int:
     cmd += ["--host", "127.0.0.1", "--port", str(args.port), "--workers", "1"]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     server = subprocess.Popen(cmd, env=env, start_new_session=True)
-
-    def stop(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
     # SIGINT too: a process started with SIGINT ignored (`cmd &` in a script, some parents)
     # keeps ignoring it, and Ctrl-C would leave the UI running
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         return server.wait()
     except KeyboardInterrupt:
