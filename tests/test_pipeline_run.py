@@ -17,7 +17,7 @@ from rich.console import Console
 
 from pipeline.config import dump_config
 from pipeline.driver.run import PhaseFailedError, run_pipeline
-from pipeline.driver.run_dir import run_dir_of
+from pipeline.driver.run_dir import LOG_DIR, run_dir_of
 from pipeline.driver.state import RunLock, RunLockedError, RunState
 from pipeline.driver.storage import SNAPSHOT_FILE
 from pipeline.phases.local import train_local
@@ -225,6 +225,30 @@ def start_run_until_checkpoint(cfg, run_id: str, phase: str, **popen) -> subproc
 def progan_cli(*args: str, cwd) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).parent / "progan"
     return subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True)
+
+
+def test_ctrl_c_stops_a_run_started_with_sigint_ignored(local_ray, dataset, tmp_path):
+    # `progan run &` in a script starts it with SIGINT ignored, which Python keeps; Ctrl-C
+    # before the first phase (MLflow, Ray, the data) must still stop it, resumable
+    cfg = tiny_pipeline_config(dataset, tmp_path)
+    config = dump_config(cfg, tmp_path / "ignoring.yaml")
+    exe = Path(sys.executable).parent / "progan"
+    proc = subprocess.Popen(
+        [str(exe), "run", str(config), "--run-id", "ignoring"],
+        cwd=REPO_ROOT,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    logs = Path(cfg.run.root) / "ignoring" / LOG_DIR  # made once its handlers are set
+    deadline = time.time() + 60
+    while not logs.is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-3000:]
+    assert "progan resume" in out
 
 
 def test_ctrl_c_then_kill_9_then_progan_resume_equals_the_uninterrupted_run(

@@ -83,6 +83,9 @@ def run_config(cfg, run_id: str | None, dry_run: bool, console, chatty: bool = F
             return 2
         return 0
     signal.signal(signal.SIGTERM, interrupt)  # `ray job stop`, kill: like Ctrl-C
+    # Ctrl-C even when started with SIGINT ignored (`cmd &` in a script): Python keeps an
+    # inherited SIG_IGN, and Ray's phase handler only covers the phases themselves
+    signal.signal(signal.SIGINT, interrupt)
     with RunLogs(run_dir / LOG_DIR, chatty) as logs:
         try:
             result = run_pipeline(cfg, run_id, console)
