@@ -21,6 +21,8 @@
 # (`progan prepare ../shared/data/celeba-10k.zip runs/bench/celeba-2k-32 --resolution 32
 # --detector none --limit 2000`): KIMG=200 OUT=runs/recipes-b scripts/recipes_regime_a.sh
 # runs/bench/celeba-2k-32 paper best. Evaluation uses as many samples as there are reals.
+# Rows run side by side there (OMP_NUM_THREADS=1 each) compare fairly: equal images, not time.
+# What SWD can show on such a set: scripts/swd_data_bounds.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATASET=$1
@@ -33,12 +35,13 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} PYTHONUNBUFFERED=1
 
 # lr 0.002, with 0.003 for the short phases below 32x32
 LOW3="schedule.lr_base=0.002 schedule.lr.4=0.003 schedule.lr.8=0.003 schedule.lr.16=0.003"
+R1="train.loss=logistic train.r1_gamma=0.05 train.r1_every=1"  # R1 on reals every D step
 FAST="train.channels_last=true train.bf16=true"  # speed: memory format, bf16 autocast
 declare -A ROWS=(
   [paper]=""
   [diffaugment]="train.augment=diffaugment"
   [ada]="train.augment=ada train.ada_kimg=100"
-  [r1]="train.loss=logistic train.r1_gamma=0.05 train.r1_every=1"
+  [r1]="$R1"
   [lazy-r1]="train.loss=logistic train.r1_gamma=0.05 train.r1_every=16"
   [lazy-gp]="train.gp_every=16"
   [lr2]="schedule.lr_base=0.002"
@@ -54,9 +57,14 @@ declare -A ROWS=(
   [paper-bf16]="$FAST"
   [lr2-low3-cl]="$LOW3 train.channels_last=true"
   [lr2-low3-bf16]="$LOW3 $FAST"
+  [ema999-bf16]="train.ema_beta=0.999 $FAST"
+  [lr05-bf16]="schedule.lr_base=0.0005 $FAST"
+  [low15-bf16]="schedule.transition_kimg=15 schedule.stabilize_kimg=15 $FAST"
+  [r1-ada-bf16]="$R1 train.augment=ada train.ada_kimg=100 $FAST"
   [best]="train.loss=logistic train.r1_gamma=0.05 train.r1_every=16 train.augment=ada train.ada_kimg=100"
 )
-ORDER=(paper paper-bf16 diffaugment ada r1 lazy-r1 lazy-gp lr2 lr3 fast lr2-gp4 lr2-b8 lr2-b32 lr2-ema lr2-ramp lr2-short lr2-low3 lr2-low3-cl lr2-low3-bf16 best)
+ORDER=(paper paper-bf16 diffaugment ada r1 lazy-r1 lazy-gp lr2 lr3 fast lr2-gp4 lr2-b8 lr2-b32 lr2-ema lr2-ramp lr2-short lr2-low3 lr2-low3-cl lr2-low3-bf16
+  ema999-bf16 lr05-bf16 low15-bf16 r1-ada-bf16 best)
 
 reals() {  # the dataset's number of images (its manifest)
   "$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["counts"]["32"])' \
