@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -94,3 +95,8 @@ def digest(module: torch.nn.Module) -> str:
 def trainer_digests(trainer) -> list[str]:
     """`digest` of a GANTrainer's G, D and G_ema, in that order."""
     return [digest(trainer.G), digest(trainer.D), digest(trainer.G_ema)]
+
+
+def ignore_sigint() -> None:
+    """Start a child as `cmd &` in a script does: with SIGINT ignored (a preexec_fn)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -24,6 +24,7 @@ from preprocessing.lmdb_store import LmdbImageDataset, read_manifest
 from tests.cluster_harness import free_port
 from tests.conftest import REPO_ROOT
 from tests.demo_run import PROGAN, progan
+from tests.helpers import ignore_sigint
 
 # one pytest-xdist worker runs every user of the session's demo run, so it is made once
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("demo_run")]
@@ -82,11 +83,6 @@ def signal_masks(pid: int) -> str:
     proc = Path(f"/proc/{pid}")
     masks = [ln for ln in (proc / "status").read_text().splitlines() if ln.startswith("Sig")]
     return ", ".join([*masks, f"wchan {(proc / 'wchan').read_text()}"])
-
-
-def ignore_sigint() -> None:
-    """Start a child as `cmd &` in a script does: with SIGINT ignored."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @pytest.mark.parametrize("stop", ["ctrl-c", "ctrl-c-started-ignoring-it", "kill"])

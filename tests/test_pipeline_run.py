@@ -28,7 +28,7 @@ from progan.data import PositionSampler
 from progan.schedule import phase_plan
 from tests import faults
 from tests.conftest import REPO_ROOT
-from tests.helpers import torch_threads
+from tests.helpers import ignore_sigint, torch_threads
 from tests.pipeline_helpers import make_tiny_dataset, tiny_pipeline_config
 
 pytestmark = pytest.mark.slow
@@ -236,7 +236,7 @@ def test_ctrl_c_stops_a_run_started_with_sigint_ignored(local_ray, dataset, tmp_
     proc = subprocess.Popen(
         [str(exe), "run", str(config), "--run-id", "ignoring"],
         cwd=REPO_ROOT,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        preexec_fn=ignore_sigint,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
